@@ -1,0 +1,35 @@
+"""objretrieval: object and instance retrieval and deep metric learning for PyTorch.
+
+Top-level names cover the common path; the subpackages hold the rest:
+
+- :mod:`objretrieval.models`: registry, ``create_model``, checkpoint I/O.
+- :mod:`objretrieval.search`: streaming exact kNN (torch) and faiss indexes.
+- :mod:`objretrieval.metrics`: Recall@K, MAP@R, mAP, NMI, revisited Oxford/Paris, GLDv2, AR@K.
+"""
+
+from objretrieval.metrics import RetrievalEvaluator, RetrievalResult
+from objretrieval.models import (
+    PretrainedCfg,
+    create_model,
+    list_models,
+    list_pretrained,
+    register_model,
+    save_checkpoint,
+)
+from objretrieval.search import Neighbors, knn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Neighbors",
+    "PretrainedCfg",
+    "RetrievalEvaluator",
+    "RetrievalResult",
+    "__version__",
+    "create_model",
+    "knn",
+    "list_models",
+    "list_pretrained",
+    "register_model",
+    "save_checkpoint",
+]

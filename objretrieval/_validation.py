@@ -1,0 +1,115 @@
+"""Argument checks shared by the public API.
+
+Every check raises with a message that names the argument and states what was expected, so that bad input
+fails loudly at the boundary instead of producing a silently wrong number deep inside a metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, (Tensor, np.ndarray)):
+        return f"{type(x).__name__} of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
+
+
+def to_tensor(x: Any, name: str) -> Tensor:
+    """Return ``x`` as a tensor without copying where possible (tensors, numpy arrays, memmaps, h5py datasets,
+    nested lists)."""
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, (list, tuple)):
+        try:
+            x = np.asarray(x)
+        except ValueError as err:  # ragged nesting
+            raise TypeError(f"{name} must be a rectangular array, got a ragged {type(x).__name__}") from err
+    if isinstance(x, np.ndarray):
+        if x.dtype == object:
+            raise TypeError(f"{name} must be a numeric array, got an object array")
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "__getitem__"):  # h5py.Dataset and friends
+        return torch.from_numpy(np.ascontiguousarray(x[()]))
+    raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {_describe(x)}")
+
+
+def check_embeddings(x: Any, name: str) -> Tensor:
+    """Return ``x`` as a floating (N, D) tensor with N >= 1, D >= 1 and only finite values."""
+    t = to_tensor(x, name)
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (num_items, dim), got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {t.dtype}"
+        )
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is empty: expected at least one row, got shape {tuple(t.shape)}")
+    if t.shape[1] == 0:
+        raise ValueError(f"{name} has zero-dimensional rows: shape {tuple(t.shape)}")
+    check_finite_values(t, name)
+    return t
+
+
+def check_finite_values(t: Tensor, name: str, row_offset: int = 0) -> None:
+    """Raise if ``t`` holds NaN or inf, naming the first offending row."""
+    # One reduction pass: a sum is finite unless some value is NaN/inf (or the sum overflows, which the
+    # exact check below then clears). torch.isfinite alone would take four passes over every gallery block.
+    if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad_row = int((~finite).any(dim=-1).nonzero()[0, 0]) + row_offset
+        raise ValueError(f"{name} contains NaN or inf values (first at row {bad_row})")
+
+
+def check_labels(labels: Any, name: str, length: int | None = None, length_of: str | None = None) -> Tensor:
+    """Return ``labels`` as a 1-D int64 tensor.
+
+    Labels stay integers end to end: float labels are rejected rather than cast, because float32 cannot
+    represent every integer above 2**24 and distinct classes would silently merge.
+    """
+    t = to_tensor(labels, name)
+    if t.dtype == torch.bool or t.dtype not in _INT_DTYPES:
+        raise TypeError(
+            f"{name} must have an integer dtype (int64 preferred), got {t.dtype}; "
+            "float labels are refused because float32 merges distinct ids above 2**24"
+        )
+    if t.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (num_items,), got shape {tuple(t.shape)}")
+    if length is not None and t.shape[0] != length:
+        what = f" (one per row of {length_of})" if length_of else ""
+        raise ValueError(f"{name} has {t.shape[0]} entries, expected {length}{what}")
+    return t.to(torch.int64)
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return str(value)
+
+
+def check_ranking(x: Any, name: str) -> Tensor:
+    """Return a 2-D integer array of ids (one row per query, best first) as an int64 CPU tensor."""
+    t = to_tensor(x, name)
+    if t.dtype == torch.bool or t.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must hold integer ids, got dtype {t.dtype}")
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (num_queries, depth), got shape {tuple(t.shape)}")
+    return t.to(device="cpu", dtype=torch.int64)

@@ -1,0 +1,48 @@
+"""Model registry, builders and checkpoint I/O.
+
+Model families register their builders when this package is imported; ``create_model`` and ``hubconf.py``
+find them through the registry.
+"""
+
+from objretrieval.models.builder import create_model, hub_entrypoint
+from objretrieval.models.checkpoint import (
+    CheckpointMismatchError,
+    checkpoint_metadata,
+    download_pretrained,
+    load_state_dict_into,
+    read_checkpoint,
+    save_checkpoint,
+    unwrap_state_dict,
+)
+from objretrieval.models.registry import (
+    NATIVE_FORMAT,
+    CheckpointFormat,
+    ModelEntry,
+    PretrainedCfg,
+    get_model_entry,
+    list_models,
+    list_pretrained,
+    register_model,
+    unregister_model,
+)
+
+__all__ = [
+    "NATIVE_FORMAT",
+    "CheckpointFormat",
+    "CheckpointMismatchError",
+    "ModelEntry",
+    "PretrainedCfg",
+    "checkpoint_metadata",
+    "create_model",
+    "download_pretrained",
+    "get_model_entry",
+    "hub_entrypoint",
+    "list_models",
+    "list_pretrained",
+    "load_state_dict_into",
+    "read_checkpoint",
+    "register_model",
+    "save_checkpoint",
+    "unregister_model",
+    "unwrap_state_dict",
+]

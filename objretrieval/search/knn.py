@@ -1,0 +1,216 @@
+"""Exact (and optionally approximate) kNN search, used by every evaluation and reranking step."""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from objretrieval._validation import (
+    check_choice,
+    check_embeddings,
+    check_positive_int,
+    to_tensor,
+)
+from objretrieval.search.faiss_backend import faiss_search
+from objretrieval.search.scoring import METRICS, Metric, iter_scores, prepare, score_block, to_user_scores
+from objretrieval.search.sources import BlockSource, GalleryLike
+from objretrieval.search.topk import RunningTopK
+
+Backend = Literal["torch", "faiss"]
+_MAX_GALLERY = 2**32 - 2  # gallery indices share an int64 sort key with the score (see topk.py)
+
+
+class Neighbors(NamedTuple):
+    """The ``k`` nearest gallery items of each query, best first.
+
+    Attributes:
+        scores: (Q, k) float32. Similarity for ``metric="cosine"`` or ``"ip"`` (descending); squared Euclidean
+            distance for ``metric="l2"`` (ascending).
+        indices: (Q, k) int64 gallery row indices. Approximate faiss indexes may return fewer than ``k``
+            results; missing ones have index -1.
+    """
+
+    scores: Tensor
+    indices: Tensor
+
+
+def knn(
+    queries: Tensor | GalleryLike,
+    gallery: GalleryLike | None = None,
+    *,
+    k: int,
+    metric: Metric = "cosine",
+    exclude: Tensor | None = None,
+    backend: Backend = "torch",
+    index: str = "flat",
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    train_size: int = 100_000,
+    block_size: int | None = None,
+    query_block_size: int = 4096,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> Neighbors:
+    """Find the ``k`` nearest gallery items of every query, streaming the gallery in blocks.
+
+    Memory is O((Q + block) x k) plus one (query block x gallery block) score matrix: the Q x N matrix is not
+    formed. Half-precision inputs are upcast so products accumulate in float32. Ties are broken by the lower
+    gallery index, so results do not depend on block sizes or devices (torch backend).
+
+    Args:
+        queries: (Q, D) tensor or numpy array.
+        gallery: (N, D) tensor, numpy array/memmap, h5py dataset, or iterable of (n_i, D) blocks. ``None``
+            searches the queries against themselves with each query's own row excluded (leave-one-out); the
+            torch backend then computes each pair's score once, using the symmetry of the score matrix.
+        k: neighbours per query.
+        metric: ``"cosine"`` (vectors are L2-normalised first), ``"ip"`` (raw inner product) or ``"l2"``
+            (squared Euclidean distance).
+        exclude: optional (Q,) int64 gallery index to exclude for each query, -1 for none.
+        backend: ``"torch"`` (exact, CPU or CUDA) or ``"faiss"`` (CPU; exact or approximate by ``index``).
+        index: faiss index, ``"flat"``, ``"ivf"``, ``"hnsw"`` or any ``faiss.index_factory`` string.
+        nprobe: IVF lists probed per query (faiss).
+        ef_search: HNSW search depth (faiss).
+        train_size: gallery rows used to train IVF indexes (faiss).
+        block_size: gallery rows per block; by default 4096, or more for small query sets so that each score
+            block still holds about 16M entries (large matrix products run faster).
+        query_block_size: query rows scored against one gallery block at once (torch backend).
+        device: where to compute; default the queries' device. Results are returned there.
+        progress: show a tqdm progress bar over gallery blocks.
+
+    Returns:
+        :class:`Neighbors` ``(scores, indices)``, each (Q, k).
+
+    Raises:
+        ValueError: on shape or dimension mismatches, NaN/inf values, ``k`` larger than the gallery (minus the
+            excluded item), or ``exclude`` ids outside the gallery.
+    """
+    q = check_embeddings(queries, "queries")
+    k = check_positive_int(k, "k")
+    query_block_size = check_positive_int(query_block_size, "query_block_size")
+    if block_size is None:
+        block_size = 4096 if gallery is None else _default_block_size(min(q.shape[0], query_block_size))
+    block_size = check_positive_int(block_size, "block_size")
+    metric = check_choice(metric, "metric", METRICS)  # type: ignore[assignment]
+    backend = check_choice(backend, "backend", ("torch", "faiss"))  # type: ignore[assignment]
+    compute_device = torch.device(device) if device is not None else q.device
+    if not isinstance(index, str):
+        raise TypeError(
+            f"index must be a string such as 'flat', 'ivf', 'hnsw' or a faiss factory string, "
+            f"got {type(index).__name__}"
+        )
+
+    if gallery is None:
+        if exclude is not None:
+            raise ValueError(
+                "exclude cannot be combined with gallery=None, which already excludes each query"
+            )
+        _check_k(k, q.shape[0] - 1, "the queries minus the excluded query itself")
+        if backend == "torch":
+            return _self_knn(q, k, metric, compute_device, block_size, progress)
+        source = BlockSource(q, "queries", block_size)
+        exclude_ids = torch.arange(q.shape[0])
+    else:
+        source = gallery if isinstance(gallery, BlockSource) else BlockSource(gallery, "gallery", block_size)
+        if source.dim is not None and source.dim != q.shape[1]:
+            raise ValueError(f"gallery has dim {source.dim} but queries have dim {q.shape[1]}")
+        if source.num_rows is not None and source.num_rows > _MAX_GALLERY:
+            raise ValueError(f"gallery has {source.num_rows} rows; at most {_MAX_GALLERY} are supported")
+        exclude_ids = _check_exclude(exclude, q.shape[0], source.num_rows)
+        if source.num_rows is not None:  # iterables reveal their size only once read: checked below
+            _check_k_gallery(k, source.num_rows, exclude_ids)
+
+    if backend == "faiss":
+        scores, indices = faiss_search(
+            q,
+            source,
+            k,
+            metric,
+            exclude=exclude_ids,
+            index=index,
+            nprobe=nprobe,
+            ef_search=ef_search,
+            train_size=train_size,
+            progress=progress,
+        )
+        scores, indices = scores.to(compute_device), indices.to(compute_device)
+    else:
+        state = RunningTopK(q.shape[0], k, compute_device)
+        prepared = prepare(q, metric, compute_device)
+        ex = None if exclude_ids is None else exclude_ids.to(compute_device)
+        for row_start, col_offset, s in iter_scores(
+            prepared,
+            source,
+            metric,
+            device=compute_device,
+            query_block_size=query_block_size,
+            exclude=ex,
+            progress=progress,
+        ):
+            state.update(row_start, s, col_offset)
+        scores, indices = state.scores, state.indices
+    assert source.num_rows is not None
+    _check_k_gallery(k, source.num_rows, exclude_ids)
+    return Neighbors(to_user_scores(scores, metric), indices)
+
+
+def _self_knn(
+    x: Tensor, k: int, metric: Metric, device: torch.device, block_size: int, progress: bool
+) -> Neighbors:
+    """Leave-one-out kNN computing each unordered pair's score once: block (a, c) also serves as (c, a)."""
+    prepared = prepare(x, metric, device)
+    n = len(prepared)
+    state = RunningTopK(n, k, device)
+    starts = range(0, n, block_size)
+    pairs = [(a, c) for a in starts for c in starts if c >= a]
+    buffer = torch.empty(min(block_size, n) ** 2, device=device)
+    for a, c in tqdm(pairs, disable=not progress, desc="search", unit="block"):
+        s = score_block(
+            prepared.rows(a, a + block_size), prepared.rows(c, c + block_size), metric, out=buffer
+        )
+        if a == c:
+            s.fill_diagonal_(float("-inf"))
+        state.update(a, s, c)
+        if c != a:
+            state.update(c, s.T, a)
+    return Neighbors(to_user_scores(state.scores, metric), state.indices)
+
+
+def _default_block_size(query_rows: int) -> int:
+    return int(min(32768, max(4096, (1 << 24) // query_rows)))
+
+
+def _check_k(k: int, available: int, what: str) -> None:
+    if available <= 0:
+        raise ValueError(f"cannot search: {what} leaves no items to retrieve")
+    if k > available:
+        raise ValueError(f"k={k} is larger than {what} ({available} items)")
+
+
+def _check_k_gallery(k: int, num_rows: int, exclude: Tensor | None) -> None:
+    if exclude is None:
+        _check_k(k, num_rows, "the gallery")
+    else:
+        _check_k(k, num_rows - 1, "the gallery minus the excluded item")
+
+
+def _check_exclude(exclude: Tensor | None, num_queries: int, num_gallery: int | None) -> Tensor | None:
+    if exclude is None:
+        return None
+    ex = to_tensor(exclude, "exclude")
+    if ex.dtype.is_floating_point or ex.dtype == torch.bool:
+        raise TypeError(f"exclude must hold integer gallery indices, got dtype {ex.dtype}")
+    ex = ex.to(torch.int64).cpu()
+    if tuple(ex.shape) != (num_queries,):
+        raise ValueError(
+            f"exclude must have shape ({num_queries},) (one gallery index per query, -1 for none), "
+            f"got {tuple(ex.shape)}"
+        )
+    too_big = num_gallery is not None and int(ex.max()) >= num_gallery
+    if int(ex.min()) < -1 or too_big:
+        raise ValueError(
+            f"exclude holds ids outside [-1, {num_gallery}): min {int(ex.min())}, max {int(ex.max())}"
+        )
+    return ex

@@ -1,0 +1,84 @@
+"""Parity-fixture plumbing: the fixture root, manifests, tolerances."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def fixture_root() -> Path:
+    """``$OBJRETRIEVAL_FIXTURES``, else ``../shared/fixtures`` beside the repository."""
+    env = os.environ.get("OBJRETRIEVAL_FIXTURES")
+    return Path(env).resolve() if env else (REPO_ROOT / ".." / "shared" / "fixtures").resolve()
+
+
+class MethodFixtures:
+    """One method's fixture directory: its manifest and its tensor files."""
+
+    def __init__(self, method: str) -> None:
+        self.dir = fixture_root() / method
+        self.manifest: dict[str, Any] = json.loads((self.dir / "manifest.json").read_text())
+
+    def tensors(self, relative: str) -> dict[str, torch.Tensor]:
+        path = self.dir / relative
+        assert path.is_file(), f"manifest names {relative}, which is missing from {self.dir}"
+        return load_file(str(path))
+
+    def json(self, relative: str) -> Any:
+        return json.loads((self.dir / relative).read_text())
+
+
+def method_fixtures(method: str) -> MethodFixtures:
+    """Load a method's fixtures; skip only when the fixture root itself is absent (never when it is there)."""
+    root = fixture_root()
+    if not root.is_dir():
+        pytest.skip(f"parity fixtures not found at {root} (set OBJRETRIEVAL_FIXTURES)")
+    assert (root / method / "manifest.json").is_file(), f"{root / method} has no manifest.json"
+    return MethodFixtures(method)
+
+
+def fixtures_of_kind(method: str, kind: str) -> list[str]:
+    """Names of a method's manifest fixtures with ``"kind": kind`` (none when the fixture root is absent)."""
+    if not fixture_root().is_dir():
+        return []
+    fixtures = MethodFixtures(method).manifest["fixtures"]
+    return [name for name, spec in fixtures.items() if spec.get("kind") == kind]
+
+
+_NUMBER = r"[0-9.]+(?:e-?[0-9]+)?"
+
+
+def parse_tolerance(spec: Any) -> tuple[float, float]:
+    """(rtol, atol) from a manifest tolerance: a dict, or prose such as 'exact (abs 1e-12)' / 'atol 1e-6'."""
+    if isinstance(spec, dict):
+        return float(spec.get("rtol", 0.0)), float(spec.get("atol", 0.0))
+    text = str(spec)
+    rtol = re.search(rf"rtol\s*({_NUMBER})", text)
+    atol = re.search(rf"(?:atol|abs|up to)\s*({_NUMBER})", text)
+    if rtol is None and atol is None:
+        assert text.startswith("exact"), f"cannot read tolerance {text!r}"
+    return (float(rtol.group(1)) if rtol else 0.0), (float(atol.group(1)) if atol else 0.0)
+
+
+def assert_close(actual: Any, expected: Any, tolerance: tuple[float, float], what: str) -> None:
+    actual_t = torch.as_tensor(actual, dtype=torch.float64)
+    expected_t = torch.as_tensor(expected, dtype=torch.float64).reshape(actual_t.shape)
+    rtol, atol = tolerance
+    torch.testing.assert_close(
+        actual_t, expected_t, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def ks_in_name(name: str, prefix: str) -> list[int]:
+    """The K values a fixture encodes in a tensor name, e.g. expected_recall_at_1_2_4 -> [1, 2, 4]."""
+    rest = name[len(prefix) :]
+    return [int(t) for t in re.match(r"((?:\d+_?)+)", rest).group(1).strip("_").split("_")]

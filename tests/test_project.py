@@ -1,0 +1,47 @@
+"""Project-level checks: the docs build cleanly, the code is lint-clean, the README's main command runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_mkdocs_build_is_strict_clean(tmp_path: Path) -> None:
+    result = _run("-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "site" / "api" / "search" / "index.html").is_file()
+
+
+def test_ruff_is_clean() -> None:
+    result = _run("-m", "ruff", "check", "--no-cache", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = _run("-m", "ruff", "format", "--check", "--no-cache", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_evaluation_demo_runs() -> None:
+    result = _run("examples/evaluate_digits.py")
+    assert result.returncode == 0, result.stderr
+    rows = {}
+    for line in result.stdout.splitlines():
+        m = re.match(r"^(pixels|untrained CNN|PCA on seen digits)\s+(clean|random views)\s+([\d.\s]+)$", line)
+        if m:
+            rows[(m[1], m[2])] = [float(v) for v in m[3].split()]
+    assert len(rows) == 6, result.stdout
+    for values in rows.values():
+        assert all(0.0 <= v <= 100.0 for v in values)
+        assert values[:4] == sorted(values[:4])  # Recall@1 <= @2 <= @4 <= @8
+    # random views are much harder than clean digits for an untrained network
+    assert rows[("untrained CNN", "random views")][0] < rows[("untrained CNN", "clean")][0] - 20
