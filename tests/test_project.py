@@ -31,6 +31,11 @@ def test_ruff_is_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_mypy_is_clean() -> None:
+    result = _run("-m", "mypy", "--no-incremental")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_evaluation_demo_runs() -> None:
     result = _run("examples/evaluate_digits.py")
     assert result.returncode == 0, result.stderr

@@ -165,7 +165,7 @@ def save_checkpoint(
     tensors: dict[str, Tensor] = {}
     for key, value in state.items():
         t = value.detach().cpu().contiguous()
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset())
+        ident = (int(t.untyped_storage().data_ptr()), int(t.storage_offset()))
         tensors[key] = t.clone() if ident in seen else t
         seen.add(ident)
     header = {"format": NATIVE_FORMAT, **({"model": model_name} if model_name else {}), **(metadata or {})}

@@ -111,7 +111,7 @@ def knn(
         if backend == "torch":
             return _self_knn(q, k, metric, compute_device, block_size, progress)
         source = BlockSource(q, "queries", block_size)
-        exclude_ids = torch.arange(q.shape[0])
+        exclude_ids: Tensor | None = torch.arange(q.shape[0])
     else:
         source = gallery if isinstance(gallery, BlockSource) else BlockSource(gallery, "gallery", block_size)
         if source.dim is not None and source.dim != q.shape[1]:

@@ -9,7 +9,7 @@ it already was.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import numpy as np
 import torch
@@ -52,12 +52,12 @@ class BlockSource:
         self.name = name
         self.block_size = block_size
         self.check_finite = check_finite
-        self._source = source
+        self._source: Any = source  # sliced or iterated depending on its kind
         self.is_array = _is_array_like(source)
         self.num_rows: int | None = None
         self.dim: int | None = None
         if self.is_array:
-            shape = tuple(source.shape)
+            shape = tuple(cast(Any, source).shape)
             if len(shape) != 2:
                 raise ValueError(f"{name} must be 2-D (num_items, dim), got shape {shape}")
             if shape[0] == 0:
