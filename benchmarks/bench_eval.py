@@ -12,13 +12,10 @@ the same ranking as our cosine search). Reports wall time, peak resident memory 
 from __future__ import annotations
 
 import argparse
-import re
-import time
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
+from _harness import measure
 
 from objretrieval import RetrievalEvaluator
 
@@ -41,22 +38,6 @@ def make_embeddings(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Te
     perm = rng.permutation(n)
     x = torch.nn.functional.normalize(torch.from_numpy(x[perm]), dim=1)
     return x.contiguous(), torch.from_numpy(labels[perm]).long()
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
-
-
-def measure(fn: Callable[[], Any]) -> tuple[Any, float, float]:
-    """(result, seconds, peak resident MiB above the baseline at the call)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the high-water mark to the current RSS
-    base = _status_kib("VmRSS")
-    start = time.perf_counter()
-    out = fn()
-    seconds = time.perf_counter() - start
-    return out, seconds, (_status_kib("VmHWM") - base) / 1024
 
 
 def run(n: int, dim: int, seed: int) -> tuple[float, float]:

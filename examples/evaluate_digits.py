@@ -16,30 +16,12 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
+from digits import load, random_views
 from torch import nn
-from torchvision.transforms import v2
 
 from objretrieval import RetrievalEvaluator
 
 METRICS = ["recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi"]
-
-
-def load(seen: bool, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Digits as (N, 1, size, size) floats in [0, 1] and their int64 labels."""
-    digits = load_digits()
-    images = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0
-    labels = torch.from_numpy(digits.target).long()
-    keep = labels < 5 if seen else labels >= 5
-    return F.interpolate(images[keep], size=size, mode="bilinear", align_corners=False), labels[keep]
-
-
-def random_views(images: torch.Tensor, seed: int) -> torch.Tensor:
-    """One random rotation/scale/shift per image, reproducible from ``seed``."""
-    torch.manual_seed(seed)
-    augment = v2.RandomAffine(degrees=35, translate=(0.15, 0.15), scale=(0.7, 1.1))
-    return torch.stack([augment(image) for image in images])
 
 
 def untrained_cnn(seed: int) -> nn.Module:
@@ -65,7 +47,7 @@ def main() -> None:
 
     seen_images, _ = load(seen=True)
     test_images, test_labels = load(seen=False)
-    views = random_views(test_images, args.seed)
+    views = random_views(test_images, torch.Generator().manual_seed(args.seed))
 
     mean = seen_images.flatten(1).mean(0)
     _, _, components = torch.pca_lowrank(seen_images.flatten(1) - mean, q=32, center=False)

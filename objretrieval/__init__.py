@@ -5,6 +5,7 @@ Top-level names cover the common path; the subpackages hold the rest:
 - :mod:`objretrieval.models`: registry, ``create_model``, checkpoint I/O.
 - :mod:`objretrieval.search`: streaming exact kNN (torch) and faiss indexes.
 - :mod:`objretrieval.metrics`: Recall@K, MAP@R, mAP, NMI, revisited Oxford/Paris, GLDv2, AR@K.
+- :mod:`objretrieval.losses`, :mod:`objretrieval.miners`, :mod:`objretrieval.samplers`: training.
 """
 
 from objretrieval.metrics import RetrievalEvaluator, RetrievalResult

@@ -77,7 +77,10 @@ def check_labels(labels: Any, name: str, length: int | None = None, length_of: s
     Labels stay integers end to end: float labels are rejected rather than cast, because float32 cannot
     represent every integer above 2**24 and distinct classes would silently merge.
     """
-    t = to_tensor(labels, name)
+    if isinstance(labels, (list, tuple)) and len(labels) == 0:
+        t = torch.empty(0, dtype=torch.int64)  # numpy would call an empty list float64
+    else:
+        t = to_tensor(labels, name)
     if t.dtype == torch.bool or t.dtype not in _INT_DTYPES:
         raise TypeError(
             f"{name} must have an integer dtype (int64 preferred), got {t.dtype}; "
@@ -91,11 +94,12 @@ def check_labels(labels: Any, name: str, length: int | None = None, length_of: s
     return t.to(torch.int64)
 
 
-def check_positive_int(value: Any, name: str) -> int:
+def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    """Return ``value`` as an int, refusing bools, floats and values below ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
 
 

@@ -50,3 +50,21 @@ def test_evaluation_demo_runs() -> None:
         assert values[:4] == sorted(values[:4])  # Recall@1 <= @2 <= @4 <= @8
     # random views are much harder than clean digits for an untrained network
     assert rows[("untrained CNN", "random views")][0] < rows[("untrained CNN", "clean")][0] - 20
+
+
+def test_quickstart_training_improves_retrieval(tmp_path: Path) -> None:
+    """The README's main command, shortened: a few epochs already lift retrieval on the unseen digits."""
+    picture = tmp_path / "neighbours.png"
+    result = _run("examples/quickstart.py", "--epochs", "6", "--out", str(picture))
+    assert result.returncode == 0, result.stderr
+    rows = {}
+    for line in result.stdout.splitlines():
+        m = re.match(r"^(untrained|trained)\s+([\d.\s]+)$", line)
+        if m:
+            rows[m[1]] = [float(v) for v in m[2].split()]
+    assert set(rows) == {"untrained", "trained"}, result.stdout
+    recall_1, map_r = 0, 4
+    assert rows["trained"][recall_1] > rows["untrained"][recall_1]
+    assert rows["trained"][map_r] > 1.3 * rows["untrained"][map_r]
+    assert picture.is_file() and picture.stat().st_size > 10_000
+    assert "training" in result.stderr  # the tqdm progress bar

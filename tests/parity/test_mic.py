@@ -1,4 +1,4 @@
-"""Parity with the official MIC code (Roth et al., ICCV 2019): Recall@K, k-means, NMI (both kinds), F1.
+"""Parity with the official MIC code (Roth et al., ICCV 2019): evaluation, margin loss, sampling, adversarial loss.
 
 Tensor names, configuration and tolerances come from the fixture manifest.
 """
@@ -8,8 +8,11 @@ from __future__ import annotations
 import faiss
 import pytest
 import torch
+from scipy.stats import chi2
 
+from objretrieval.losses import AdversarialDecorrelationLoss, MarginLoss
 from objretrieval.metrics import RetrievalEvaluator, kmeans, normalized_mutual_info, pairwise_f1
+from objretrieval.miners import DistanceWeightedMiner, MinedTriplets
 from tests.parity.fixtures import MethodFixtures, assert_close, method_fixtures, parse_tolerance
 
 EVAL_FILE = "eval_metrics.safetensors"
@@ -98,3 +101,93 @@ def test_kmeans_end_to_end(mic: MethodFixtures, prefix: str, protocol: str) -> N
         result["nmi_geometric"], t[f"{prefix}nmi_geometric"], tolerance, f"{protocol} NMI (geometric)"
     )
     assert_close(result["f1"], t[f"{prefix}f1"], tolerance, f"{protocol} F1")
+
+
+# --- losses and sampling --------------------------------------------------------------------------------------
+
+MARGIN_FILE = "margin_loss.safetensors"
+ADVERSARIAL_FILE = "adversarial_loss.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("normalizer", "suffix"), [("active_terms", ""), ("active_triplets", "_boolor_paircount")]
+)
+def test_margin_loss(mic: MethodFixtures, normalizer: str, suffix: str) -> None:
+    """Both normalisers: the paper's count of active terms, and modern torch's count of active triplets."""
+    spec = mic.manifest["fixtures"][MARGIN_FILE]
+    t = mic.tensors(MARGIN_FILE)
+    tolerance = parse_tolerance(spec["tolerance"])
+    config = spec["config"]
+    # the fixture's embeddings are already unit vectors and are the leaf the gradient is taken for
+    loss = MarginLoss(
+        config["n_classes"],
+        margin=config["margin(alpha)"],
+        beta=config["beta_init_default"],
+        nu=config["nu"],
+        normalizer=normalizer,
+        normalize_embeddings=False,
+    )
+    loss.beta.data.copy_(t["beta"])
+    x = t["embeddings"].clone().requires_grad_(True)
+    triplets = MinedTriplets(*t["triplets"].T)
+    value = loss(x, t["labels"], triplets)
+    value.backward()
+    assert_close(value, t[f"loss{suffix}"], tolerance, f"margin loss ({normalizer})")
+    assert_close(x.grad, t[f"grad_embeddings{suffix}"], tolerance, f"d loss / d embeddings ({normalizer})")
+    assert_close(loss.beta.grad, t[f"grad_beta{suffix}"], tolerance, f"d loss / d beta ({normalizer})")
+
+
+def test_distance_weighted_sampling_probabilities(mic: MethodFixtures) -> None:
+    spec = mic.manifest["fixtures"][MARGIN_FILE]
+    t = mic.tensors(MARGIN_FILE)
+    tolerance = parse_tolerance(spec["tolerance"])
+    assert not spec["config"]["upper_cutoff_applied"]
+    miner = DistanceWeightedMiner(cutoff=spec["config"]["lower_cutoff"])
+    x, y = t["embeddings"], t["labels"]
+    assert_close(miner.distances(x, x), t["pair_distances_clamped"], tolerance, "clamped distances")
+    assert_close(
+        miner.negative_probabilities(x, y, x, y), t["neg_sampling_probs"], tolerance, "probabilities"
+    )
+
+
+def test_distance_weighted_sampling_distribution(mic: MethodFixtures) -> None:
+    """Chi-square goodness of fit of the miner's drawn negatives against the official probabilities."""
+    t = mic.tensors(MARGIN_FILE)
+    spec = mic.manifest["fixtures"][MARGIN_FILE]
+    expected = t["neg_sampling_probs"].double()
+    draws = 3000
+    miner = DistanceWeightedMiner(
+        cutoff=spec["config"]["lower_cutoff"],
+        triplets_per_anchor=draws,
+        generator=torch.Generator().manual_seed(0),
+    )
+    anchors, positives, negatives = miner(t["embeddings"], t["labels"])
+    y = t["labels"]
+    assert bool((y[anchors] == y[positives]).all() and (anchors != positives).all())
+    assert bool((y[anchors] != y[negatives]).all())
+    counts = torch.zeros_like(expected)
+    counts.index_put_((anchors, negatives), torch.ones(len(anchors), dtype=torch.float64), accumulate=True)
+    support = expected > 0
+    statistic = ((counts - draws * expected).pow(2) / (draws * expected).clamp(min=1e-12))[support].sum()
+    dof = int(support.sum()) - expected.shape[0]
+    p_value = chi2.sf(float(statistic), dof)
+    assert p_value > 1e-3, f"negatives do not follow the distance-weighted distribution (p = {p_value:.2e})"
+
+
+def test_adversarial_loss(mic: MethodFixtures) -> None:
+    spec = mic.manifest["fixtures"][ADVERSARIAL_FILE]
+    t = mic.tensors(ADVERSARIAL_FILE)
+    tolerance = parse_tolerance(spec["tolerance"])
+    config = spec["config"]
+    loss = AdversarialDecorrelationLoss(config["class_dim"], config["aux_dim"], proj_dim=config["proj_dim"])
+    prefix = "regressor_state."
+    loss.load_state_dict({k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)}, strict=True)
+    c = t["class_features"].clone().requires_grad_(True)
+    s = t["aux_features"].clone().requires_grad_(True)
+    value = loss(c, s)
+    value.backward()
+    assert_close(value, t["loss"], tolerance, "adversarial loss")
+    assert_close(c.grad, t["grad_class_features"], tolerance, "reversed gradient of the class features")
+    assert_close(s.grad, t["grad_aux_features"], tolerance, "reversed gradient of the shared features")
+    for name, param in loss.named_parameters():
+        assert_close(param.grad, t[f"grad_param.{name}"], tolerance, f"gradient of {name}")

@@ -1,0 +1,40 @@
+"""Metric-learning losses with pytorch-metric-learning's call convention.
+
+```python
+loss = ContextualLoss()                       # or ContrastiveLoss(), TripletMarginLoss(selection="semihard"), ...
+value = loss(embeddings, labels)              # (N, D) floats, (N,) integer labels
+value = loss(embeddings, labels, miner(embeddings, labels))   # with mined pairs or triplets
+```
+"""
+
+from objretrieval.losses.adversarial import AdversarialDecorrelationLoss, grad_reverse
+from objretrieval.losses.base import MetricLoss, PairBatch, ParametricLoss
+from objretrieval.losses.contextual import ContextualLoss, contextual_similarity, contextual_term
+from objretrieval.losses.contrastive import ContrastiveLoss, margin_contrastive, similarity_regularizer
+from objretrieval.losses.margin import MarginLoss
+from objretrieval.losses.multi_similarity import MultiSimilarityLoss
+from objretrieval.losses.proxy import ProxyAnchorLoss, ProxyNCALoss
+from objretrieval.losses.ranking_ap import ROADMAPLoss, SmoothAPLoss, ranking_average_precision
+from objretrieval.losses.triplet import TripletMarginLoss
+
+__all__ = [
+    "AdversarialDecorrelationLoss",
+    "ContextualLoss",
+    "ContrastiveLoss",
+    "MarginLoss",
+    "MetricLoss",
+    "MultiSimilarityLoss",
+    "PairBatch",
+    "ParametricLoss",
+    "ProxyAnchorLoss",
+    "ProxyNCALoss",
+    "ROADMAPLoss",
+    "SmoothAPLoss",
+    "TripletMarginLoss",
+    "contextual_similarity",
+    "contextual_term",
+    "grad_reverse",
+    "margin_contrastive",
+    "ranking_average_precision",
+    "similarity_regularizer",
+]

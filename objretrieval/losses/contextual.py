@@ -1,0 +1,189 @@
+"""Contextual similarity optimisation (Liao, Tsiligkaridis and Kulis, ICML 2023).
+
+The contextual similarity J compares two samples by their neighbourhoods: a differentiable surrogate of a
+k-reciprocal Jaccard similarity, with hard neighbourhood masks whose gradient is a constant
+("straight-through") slope. :class:`ContextualLoss` trains it the way the paper does, together with a margin
+contrastive term and a regulariser on the mean similarity.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from objretrieval.batch import PairBatch, self_similarity
+from objretrieval.losses.base import MetricLoss
+from objretrieval.losses.contrastive import margin_contrastive, similarity_regularizer
+
+
+class _StraightThroughStep(torch.autograd.Function):
+    """``x >= threshold`` as 0/1 in the forward pass; a constant ``slope`` gradient for x in the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, threshold: Tensor, slope: float) -> Tensor:
+        ctx.slope = slope
+        return (x >= threshold).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return grad * ctx.slope, None, None
+
+
+def contextual_similarity(similarity: Tensor, k: int = 4, eps: float = 0.05, slope: float = 10.0) -> Tensor:
+    """The contextual similarity J of a batch (section 1.1 of ``shared/specs/contextual.md``).
+
+    With D = max(2 - 2S, 0) and A = -D: M marks each row's k nearest neighbours widened by ``eps`` (j is a
+    neighbour of i if D_ij <= D_(k)(i) + eps), P = M M^T / |N(i)| and Q = (1-M)(1-M)^T / |not N(i)| measure
+    agreement on neighbours and non-neighbours, W = (P + Q) M / 2, and J averages W over the mutual
+    (k/2)-neighbours R: J' = R W / rowsum(R), J = (J' + J'^T) / 2. The masks' gradient is ``slope``; the k-th
+    distances and the |N(i)|, |not N(i)| normalisers carry no gradient, rowsum(R) does.
+
+    One deviation from the official code, which only matters where that code returns NaN: when a row's
+    neighbourhood covers the whole batch (collapsed embeddings, typical of an untrained network), its
+    non-neighbour term Q is 0 instead of 0/0.
+
+    Args:
+        similarity: (N, N) cosine similarities of a batch with itself.
+        k: neighbourhood size (2 <= k <= N).
+        eps: distance slack of the neighbourhood.
+        slope: gradient of the hard neighbourhood masks.
+
+    Returns:
+        (N, N) symmetric J with values in [0, 1].
+    """
+    n = similarity.shape[0]
+    if similarity.ndim != 2 or similarity.shape[1] != n:
+        raise ValueError(f"similarity must be square (N, N), got {tuple(similarity.shape)}")
+    if not 2 <= k <= n:
+        raise ValueError(f"k must be in [2, batch size {n}], got {k}")
+    closeness = -(2.0 - 2.0 * similarity).clamp(min=0.0)
+    nearest = closeness.topk(k, dim=1).values.detach()
+    neighbours = _StraightThroughStep.apply(closeness + eps, nearest[:, k - 1 : k], slope)
+    counts = neighbours.sum(dim=1, keepdim=True)
+    both = self_similarity(neighbours)  # |N(i) & N(j)|
+    # |not N(i) & not N(j)| = n - |N(i)| - |N(j)| + |N(i) & N(j)|: exact small integers, one product fewer
+    neither = n - counts - counts.T + both
+    shared = both / counts.detach()
+    shared_not = neither / (n - counts).detach().clamp(min=1.0)
+    weights = 0.5 * (shared + shared_not) * neighbours
+    half = _StraightThroughStep.apply(closeness + eps, nearest[:, k // 2 - 1 : k // 2], slope)
+    reciprocal = half * half.T
+    jaccard = (reciprocal @ weights) / reciprocal.sum(dim=1, keepdim=True)
+    return 0.5 * (jaccard + jaccard.T)
+
+
+def contextual_term(
+    similarity: Tensor, same_label: Tensor, k: int = 4, eps: float = 0.05, slope: float = 10.0
+) -> Tensor:
+    """``sum_{i != j} [W_ij (1 - J_ij)^2 + (1 - W_ij) J_ij^2] / N^2`` with W the (N, N) same-label mask."""
+    j = contextual_similarity(similarity, k, eps, slope)
+    w = same_label.to(j.dtype)
+    off_diagonal = 1.0 - torch.eye(j.shape[0], dtype=j.dtype, device=j.device)
+    per_pair = w * (1.0 - j).square() + (1.0 - w) * j.square()
+    return (per_pair * off_diagonal).sum() / j.shape[0] ** 2
+
+
+class ContextualLoss(MetricLoss):
+    """The contextual loss as the paper trains it: contextual term + margin contrastive + similarity regulariser.
+
+    ``loss = context_weight * L_context + contrastive_weight * L_contrastive + reg_weight * (mean S - reg_target)^2``
+
+    The defaults are the 256x256 code base (``main.py``: 0.4 / 0.5 / 0.1, target 0.25, k 4, eps 0.05). The
+    224x224 code base weights differently (``lam`` there weights the *contrastive* term and the regulariser
+    is added on top); its tuned settings are the presets ``"cub"``, ``"cars"`` and ``"sop"``:
+
+    ```python
+    ContextualLoss()                        # 256 setting
+    ContextualLoss.from_preset("cub")       # 0.95 context + 0.05 contrastive + 0.1 reg, eps 0.04, target 0.3
+    ContextualLoss(context_weight=1, contrastive_weight=0, reg_weight=0)   # the contextual term alone
+    ```
+
+    Unlike the official code, the loss stays finite from any starting point: a collapsed batch (all
+    similarities near 1, as an untrained network produces) gives a finite loss whose gradients pull classes
+    apart (see :func:`contextual_similarity`).
+
+    Args:
+        k: neighbourhood size; the 224 code sets it to the images per class of the sampler.
+        eps: neighbourhood slack.
+        context_weight: weight of the contextual term.
+        contrastive_weight: weight of the margin contrastive term.
+        reg_weight: weight of the similarity regulariser.
+        pos_margin: similarity positive pairs should exceed (contrastive term).
+        neg_margin: similarity negative pairs should stay below (contrastive term).
+        reg_target: target mean similarity of the regulariser.
+        slope: straight-through gradient of the neighbourhood masks.
+    """
+
+    supports_ref: ClassVar[bool] = False
+    accepts_mined: ClassVar[tuple[type, ...]] = ()
+
+    #: Official settings: "256" is the 256x256 code base; the others the 224x224 README's tuned commands.
+    PRESETS: ClassVar[dict[str, dict[str, float]]] = {
+        "256": dict(
+            k=4, eps=0.05, context_weight=0.4, contrastive_weight=0.5, reg_weight=0.1, reg_target=0.25
+        ),
+        "cub": dict(
+            k=4, eps=0.04, context_weight=0.95, contrastive_weight=0.05, reg_weight=0.1, reg_target=0.3
+        ),
+        "cars": dict(
+            k=4, eps=0.05, context_weight=0.8, contrastive_weight=0.2, reg_weight=0.1, reg_target=0.3
+        ),
+        "sop": dict(
+            k=4, eps=0.05, context_weight=0.8, contrastive_weight=0.2, reg_weight=0.1, reg_target=0.3
+        ),
+    }
+
+    def __init__(
+        self,
+        k: int = 4,
+        eps: float = 0.05,
+        context_weight: float = 0.4,
+        contrastive_weight: float = 0.5,
+        reg_weight: float = 0.1,
+        pos_margin: float = 0.75,
+        neg_margin: float = 0.6,
+        reg_target: float = 0.25,
+        slope: float = 10.0,
+    ) -> None:
+        super().__init__()
+        if k < 2:
+            raise ValueError(f"k must be >= 2, got {k}")
+        self.k, self.eps, self.slope = int(k), float(eps), float(slope)
+        self.context_weight, self.contrastive_weight, self.reg_weight = (
+            context_weight,
+            contrastive_weight,
+            reg_weight,
+        )
+        self.pos_margin, self.neg_margin, self.reg_target = pos_margin, neg_margin, reg_target
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: float) -> ContextualLoss:
+        """A loss with the official settings ``name`` (see :attr:`PRESETS`), optionally overridden."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available: {sorted(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})  # type: ignore[arg-type]
+
+    def components(self, batch: PairBatch) -> dict[str, Tensor]:
+        """The unweighted terms ``context``, ``contrastive`` and ``reg`` of a batch."""
+        s = batch.similarity
+        contrastive = margin_contrastive(
+            s, batch.positive_mask, batch.negative_mask, self.pos_margin, self.neg_margin
+        )
+        assert contrastive is not None  # a batch of two or more classes always has negative pairs
+        return {
+            "context": contextual_term(s, batch.same_label, self.k, self.eps, self.slope),
+            "contrastive": contrastive,
+            "reg": similarity_regularizer(s, self.reg_target),
+        }
+
+    def compute_loss(self, batch: PairBatch) -> Tensor:
+        if batch.embeddings.shape[0] < self.k:
+            raise ValueError(f"embeddings: a batch of {batch.embeddings.shape[0]} is smaller than k={self.k}")
+        terms = self.components(batch)
+        return (
+            self.context_weight * terms["context"]
+            + self.contrastive_weight * terms["contrastive"]
+            + self.reg_weight * terms["reg"]
+        )

@@ -1,0 +1,119 @@
+"""Margin loss with learnable per-class margins (Wu et al., "Sampling Matters", ICCV 2017), as MIC trains it."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from objretrieval._validation import check_choice
+from objretrieval.batch import MinedTriplets
+from objretrieval.losses.base import PairBatch, ParametricLoss
+
+Normalizer = Literal["active_terms", "active_triplets"]
+
+
+class MarginLoss(ParametricLoss):
+    """``relu(d_ap - beta_a + alpha) + relu(beta_a - d_an + alpha)`` summed over triplets / active count.
+
+    ``beta_a`` is the margin of the anchor's class (learnable, one per class, starting at ``beta``); distances
+    are ``sqrt(||x - y||^2 + 1e-8)``. Triplets come from a miner (MIC uses
+    :class:`~objretrieval.miners.DistanceWeightedMiner`); without one, every valid triplet of the batch is
+    used, computed in O(B^2) because the two terms separate.
+
+    The sum is divided by the number of active terms, ``#(pos > 0) + #(neg > 0)``, as in the paper's code on
+    torch 1.0 (with which MIC's numbers were produced). On torch >= 1.2 the official code counts triplets
+    with any active term instead (``bool + bool`` became a logical or): ``normalizer="active_triplets"``.
+
+    Args:
+        num_classes: number of classes (labels must lie in [0, num_classes)) when margins are learnt.
+        margin: alpha, the fixed margin around beta.
+        beta: initial class margin.
+        nu: weight of the margin regulariser ``nu * sum(beta_a)`` (0 in MIC), divided like the loss.
+        learn_beta: learn one margin per class; if False, beta is a constant and num_classes is not needed.
+        normalizer: ``"active_terms"`` or ``"active_triplets"`` (see above).
+        normalize_embeddings: L2-normalise first (MIC's network already outputs unit vectors).
+    """
+
+    accepts_mined: ClassVar[tuple[type, ...]] = (MinedTriplets,)
+    default_lr_multiplier: ClassVar[float] = 50.0  # MIC: margins at 5e-4 for a 1e-5 network learning rate
+    weight_decay: ClassVar[float | None] = 0.0
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        margin: float = 0.2,
+        beta: float = 1.2,
+        nu: float = 0.0,
+        learn_beta: bool = True,
+        normalizer: Normalizer = "active_terms",
+        normalize_embeddings: bool = True,
+    ) -> None:
+        super().__init__(normalize_embeddings=normalize_embeddings)
+        if learn_beta and (num_classes is None or num_classes < 1):
+            raise ValueError("num_classes (>= 1) is required to learn per-class margins (learn_beta=True)")
+        self.margin, self.nu, self.learn_beta = float(margin), float(nu), learn_beta
+        self.normalizer: Normalizer = check_choice(
+            normalizer,
+            "normalizer",  # type: ignore[assignment]
+            ("active_terms", "active_triplets"),
+        )
+        self.num_classes = num_classes
+        if learn_beta:
+            self.beta = nn.Parameter(torch.full((int(num_classes),), float(beta)))  # type: ignore[arg-type]
+        else:
+            self.register_buffer("beta", torch.tensor(float(beta)))
+
+    def _anchor_beta(self, labels: Tensor, dtype: torch.dtype) -> Tensor:
+        if not self.learn_beta:
+            return self.beta.to(dtype).expand_as(labels)
+        assert self.num_classes is not None
+        if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
+            raise ValueError(
+                f"labels must lie in [0, num_classes={self.num_classes}), got min "
+                f"{int(labels.min())}, max {int(labels.max())}"
+            )
+        return self.beta.to(dtype)[labels]
+
+    def compute_loss(self, batch: PairBatch) -> Tensor | None:
+        triplets = batch.triplets()
+        if triplets is not None:
+            return self._given(batch, triplets)
+        return self._all(batch)
+
+    def _given(self, batch: PairBatch, triplets: MinedTriplets) -> Tensor | None:
+        a, p, n = triplets
+        if a.numel() == 0:
+            return None
+        x, ref = batch.embeddings, batch.ref
+        d_ap = ((x[a] - ref[p]).pow(2).sum(1) + 1e-8).sqrt()
+        d_an = ((x[a] - ref[n]).pow(2).sum(1) + 1e-8).sqrt()
+        beta = self._anchor_beta(batch.labels[a], x.dtype)
+        pos = (d_ap - beta + self.margin).clamp(min=0)
+        neg = (beta - d_an + self.margin).clamp(min=0)
+        if self.normalizer == "active_terms":
+            count = (pos > 0).sum() + (neg > 0).sum()
+        else:
+            count = ((pos > 0) | (neg > 0)).sum()
+        return ((pos + neg).sum() + self.nu * beta.sum()) / count.clamp(min=1)
+
+    def _all(self, batch: PairBatch) -> Tensor | None:
+        """Every (anchor, positive, negative): the terms separate, sum_{a,p,n} = sum_{a,p} N_a + sum_{a,n} P_a."""
+        pos_mask, neg_mask = batch.positive_mask, batch.negative_mask
+        num_pos, num_neg = pos_mask.sum(1), neg_mask.sum(1)
+        if not bool(((num_pos > 0) & (num_neg > 0)).any()):
+            return None
+        d = batch.distances(floor=0.0, offset=1e-8)  # MIC's sqrt(||x - y||^2 + 1e-8)
+        beta = self._anchor_beta(batch.labels, d.dtype)[:, None]
+        pos = (d - beta + self.margin).clamp(min=0) * pos_mask
+        neg = (beta - d + self.margin).clamp(min=0) * neg_mask
+        with torch.no_grad():
+            pos_active, neg_active = (pos > 0).sum(1), (neg > 0).sum(1)
+            if self.normalizer == "active_terms":
+                count = (pos_active * num_neg + neg_active * num_pos).sum()
+            else:  # triplets minus those where neither term is active
+                count = (num_pos * num_neg - (num_pos - pos_active) * (num_neg - neg_active)).sum()
+        total = (pos.sum(1) * num_neg + neg.sum(1) * num_pos).sum()
+        reg = self.nu * (beta.squeeze(1) * num_pos * num_neg).sum()
+        return (total + reg) / count.clamp(min=1)

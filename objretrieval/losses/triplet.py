@@ -1,0 +1,139 @@
+"""Triplet margin loss over given triplets or over every valid triplet of a batch in O(B^2) memory."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from objretrieval._validation import check_choice
+from objretrieval.losses.base import MetricLoss, PairBatch
+
+Selection = Literal["all", "hard", "semihard"]
+
+_COMPACT_MAX_POSITIVES = 32  # up to this many positives per anchor, compare directly instead of sorting
+
+
+class TripletMarginLoss(MetricLoss):
+    """``relu(d(a, p) - d(a, n) + margin)`` averaged over the triplets with a positive loss.
+
+    Distances are Euclidean between L2-normalised embeddings. With mined triplets (``indices_tuple``), those
+    are used. Otherwise every valid triplet of the batch is considered, optionally restricted:
+
+    - ``"all"``: every (anchor, positive, negative);
+    - ``"hard"``: d(a, n) <= d(a, p);
+    - ``"semihard"``: d(a, p) < d(a, n) <= d(a, p) + margin.
+
+    These are pytorch-metric-learning's ``TripletMarginMiner`` types followed by its ``TripletMarginLoss``
+    (mean over non-zero losses), computed without materialising triplets: for each (anchor, positive) the
+    active negatives are a contiguous range of the anchor's sorted negative distances, so counts and sums come
+    by direct comparison in chunks (few positives per anchor: O(B^2 P)) or from sorted rows and binary
+    searches (O(B^2 log B)), in O(B^2) memory instead of O(B^3).
+
+    Args:
+        margin: the triplet margin.
+        selection: which triplets to use when none are given.
+    """
+
+    def __init__(self, margin: float = 0.05, selection: Selection = "all") -> None:
+        super().__init__()
+        self.margin = float(margin)
+        self.selection: Selection = check_choice(selection, "selection", ("all", "hard", "semihard"))  # type: ignore[assignment]
+
+    def compute_loss(self, batch: PairBatch) -> Tensor | None:
+        triplets = batch.triplets()
+        if triplets is not None:
+            return self._given(batch, *triplets)
+        return self._all(batch)
+
+    def _given(self, batch: PairBatch, a: Tensor, p: Tensor, n: Tensor) -> Tensor | None:
+        if a.numel() == 0:
+            return None
+        x, ref = batch.embeddings, batch.ref
+        d_ap = (x[a] - ref[p]).pow(2).sum(1).clamp(min=1e-12).sqrt()
+        d_an = (x[a] - ref[n]).pow(2).sum(1).clamp(min=1e-12).sqrt()
+        losses = (d_ap - d_an + self.margin).clamp(min=0)
+        return losses.sum() / (losses > 0).sum().clamp(min=1)
+
+    def _all(self, batch: PairBatch) -> Tensor | None:
+        """Every selected triplet, as sum_{a,p} c_ap (d_ap + m) - sum_{a,n} c_an d_an.
+
+        c_ap counts the active negatives of (a, p) and c_an the positives that n is active with. Both counts
+        come from one set of float comparisons, so they agree exactly and the expression equals the sum of the
+        triplets' losses, with the right gradient for d_ap and d_an (the counts are locally constant).
+        """
+        pos, neg = batch.positive_mask, batch.negative_mask
+        num_pos = pos.sum(1)
+        if not bool(((num_pos > 0) & neg.any(1)).any()):
+            return None
+        d = batch.distances()
+        width = int(num_pos.max())
+        with torch.no_grad():
+            if width <= _COMPACT_MAX_POSITIVES:
+                slots, count_slot, count_an = self._count_compact(d, pos, neg, width)
+            else:
+                slots, count_slot, count_an = self._count_sorted(d, pos, neg, num_pos)
+            active = count_slot.sum()
+            # total = sum_{a,j} W_aj d_aj + m * active with W = c_ap at positives minus c_an at negatives
+            weights = count_an.to(d.dtype).neg_().scatter_add_(1, slots, count_slot.to(d.dtype))
+        total = torch.dot(weights.flatten(), d.flatten()) + self.margin * active
+        return total / active.clamp(min=1)
+
+    def _count_compact(
+        self, d: Tensor, pos: Tensor, neg: Tensor, width: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Counts by direct comparison, one positive slot at a time: O(B^2 P) time, O(B^2) memory."""
+        slots, valid = _positive_slots(pos, width)
+        d_ap = d.gather(1, slots)
+        count_slot = torch.zeros_like(slots, dtype=torch.int32)
+        count_an = torch.zeros_like(d)
+        for p in range(width):
+            dp = d_ap[:, p : p + 1]
+            if self.selection == "hard":
+                active = d <= dp
+            else:
+                active = d < dp + self.margin
+                if self.selection == "semihard":
+                    active &= d > dp
+            active &= neg & valid[:, p : p + 1]
+            count_slot[:, p] = active.view(torch.uint8).sum(1, dtype=torch.int32)  # far faster than bool sum
+            count_an.add_(active)
+        return slots, count_slot, count_an
+
+    def _count_sorted(
+        self, d: Tensor, pos: Tensor, neg: Tensor, num_pos: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Counts by binary search in each anchor's sorted distances: O(B^2 log B) for any class size."""
+        inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
+        dp = torch.where(pos, d, inf)
+        hi = dp + self.margin
+        dn_sorted = torch.where(neg, d, inf).sort(dim=1).values.contiguous()
+        dn = torch.where(neg, d, -inf).contiguous()
+        dp_sorted = dp.sort(dim=1).values.contiguous()
+        dp_below_dn = torch.searchsorted(dp_sorted, dn)  # #{p: d_ap < d_an}
+        if self.selection == "hard":  # d_an <= d_ap
+            count_ap = torch.searchsorted(dn_sorted, dp.contiguous(), right=True)
+            count_an = num_pos[:, None] - dp_below_dn
+        else:  # d_an < d_ap + m, and for semihard also d_an > d_ap
+            # fl(x + m) is monotone in x, so the sorted upper bounds are the sorted distances plus m
+            hi_below_dn = torch.searchsorted((dp_sorted + self.margin).contiguous(), dn, right=True)
+            count_ap = torch.searchsorted(dn_sorted, hi.contiguous())
+            count_an = num_pos[:, None] - hi_below_dn
+            if self.selection == "semihard":
+                count_ap = count_ap - torch.searchsorted(dn_sorted, dp.contiguous(), right=True)
+                count_an = dp_below_dn - hi_below_dn
+        slots = torch.arange(d.shape[1], device=d.device).expand_as(d)
+        return slots, torch.where(pos, count_ap.clamp(min=0), 0), torch.where(neg, count_an.clamp(min=0), 0)
+
+
+def _positive_slots(pos: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """(B, width) reference indices of each anchor's positives, left-aligned, and which slots are real."""
+    rows, cols = pos.nonzero(as_tuple=True)
+    per_row = pos.sum(1)
+    place = torch.arange(rows.numel(), device=pos.device) - (per_row.cumsum(0) - per_row)[rows]
+    slots = torch.zeros(pos.shape[0], width, dtype=torch.int64, device=pos.device)
+    valid = torch.zeros(pos.shape[0], width, dtype=torch.bool, device=pos.device)
+    slots[rows, place] = cols
+    valid[rows, place] = True
+    return slots, valid

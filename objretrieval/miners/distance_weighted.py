@@ -1,0 +1,77 @@
+"""Distance-weighted sampling (Wu et al., "Sampling Matters", ICCV 2017), vectorised over the batch."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from objretrieval.batch import MinedTriplets, PairBatch
+from objretrieval.miners.base import Miner
+
+
+class DistanceWeightedMiner(Miner):
+    """One triplet per anchor (or ``triplets_per_anchor``): a uniform positive and a distance-weighted negative.
+
+    Negatives are drawn with probability proportional to the inverse density of pairwise distances on the
+    unit sphere in D dimensions, q(d)^-1 with log q(d)^-1 = (2 - D) log d - ((D - 3) / 2) log(1 - d^2 / 4),
+    d = sqrt(max(||a - n||^2, 1e-4)) clamped below at ``cutoff``; same-label items get probability 0. This is
+    MIC's ``distanceweightedsampling``. ``nonzero_loss_cutoff`` (1.4 in the paper and in
+    pytorch-metric-learning; MIC drops it) zeroes the weight of negatives at or beyond that distance; an anchor
+    whose negatives all fall there draws uniformly among them.
+
+    All anchors are sampled at once with ``torch.multinomial``; pass a ``generator`` for reproducible draws.
+
+    Args:
+        cutoff: lower distance cutoff.
+        nonzero_loss_cutoff: optional upper distance cutoff.
+        triplets_per_anchor: triplets drawn for each anchor (with replacement).
+        generator: random generator for the draws.
+    """
+
+    def __init__(
+        self,
+        cutoff: float = 0.5,
+        nonzero_loss_cutoff: float | None = None,
+        triplets_per_anchor: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if triplets_per_anchor < 1:
+            raise ValueError(f"triplets_per_anchor must be >= 1, got {triplets_per_anchor}")
+        self.cutoff, self.nonzero_loss_cutoff = float(cutoff), nonzero_loss_cutoff
+        self.triplets_per_anchor = int(triplets_per_anchor)
+        self.generator = generator
+
+    def distances(self, embeddings: Tensor, ref: Tensor) -> Tensor:
+        """(N, M) ``sqrt(max(||x - y||^2, 1e-4))`` clamped below at ``cutoff``."""
+        sq = embeddings.pow(2).sum(1)[:, None] + ref.pow(2).sum(1)[None, :] - 2.0 * embeddings @ ref.T
+        return sq.clamp(min=1e-4).sqrt().clamp(min=self.cutoff)
+
+    def negative_probabilities(
+        self, embeddings: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor
+    ) -> Tensor:
+        """(N, M) probability that anchor i draws reference j as its negative (rows of zeros: no negative)."""
+        d = self.distances(embeddings, ref)
+        dim = float(embeddings.shape[1])
+        log_w = (2.0 - dim) * d.log() - ((dim - 3.0) / 2.0) * (1.0 - 0.25 * d.pow(2)).clamp(min=1e-8).log()
+        allowed = labels[:, None] != ref_labels[None, :]
+        log_w = log_w.masked_fill(~allowed, float("-inf"))
+        # shift each row by its own maximum for stability; rows without negatives stay all zero
+        shift = log_w.amax(dim=1, keepdim=True).nan_to_num(neginf=0.0)
+        w = (log_w - shift).exp()
+        if self.nonzero_loss_cutoff is not None:
+            cut = w * (d < self.nonzero_loss_cutoff)
+            w = torch.where(cut.sum(1, keepdim=True) > 0, cut, allowed.to(w.dtype))  # all beyond: uniform
+        return w / w.sum(dim=1, keepdim=True).clamp(min=torch.finfo(w.dtype).tiny)
+
+    def mine(self, batch: PairBatch) -> MinedTriplets:
+        same, labels = batch.positive_mask, batch.labels
+        neg_p = self.negative_probabilities(batch.embeddings, labels, batch.ref, batch.ref_labels)
+        anchors = ((same.any(1)) & (neg_p.sum(1) > 0)).nonzero().squeeze(1)
+        k = self.triplets_per_anchor
+        if anchors.numel() == 0:
+            empty = torch.empty(0, dtype=torch.long, device=labels.device)
+            return MinedTriplets(empty, empty, empty)
+        positives = torch.multinomial(same[anchors].float(), k, replacement=True, generator=self.generator)
+        negatives = torch.multinomial(neg_p[anchors], k, replacement=True, generator=self.generator)
+        return MinedTriplets(anchors.repeat_interleave(k), positives.flatten(), negatives.flatten())
