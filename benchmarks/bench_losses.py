@@ -10,6 +10,9 @@ no-ops for the CPU run. Without it, that comparison is skipped.
 
     uv run --group bench python benchmarks/bench_losses.py --official-contextual /path/to/checkout
     uv run --group bench python benchmarks/bench_losses.py --batches 128 512     # quicker
+    uv run --group bench python benchmarks/bench_losses.py --device cuda --batches 512 2048 8192
+
+On CUDA the step runs under ``torch.autocast(float16)`` and memory is the peak of allocated GPU memory.
 """
 
 from __future__ import annotations
@@ -40,16 +43,30 @@ def make_batch(batch: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Te
 def step(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor
 ) -> Callable[[], float]:
+    """One forward + backward; on CUDA under float16 autocast (the losses compute in float32 inside)."""
+
     def run() -> float:
         emb = x.clone().requires_grad_(True)
-        value = loss_fn(emb, y)
+        with torch.autocast(x.device.type, dtype=torch.float16, enabled=x.is_cuda):
+            value = loss_fn(emb, y)
         value.backward()
-        return float(value.detach())
+        return float(value.detach())  # synchronises the device
 
     return run
 
 
-def pml_pairs(num_classes: int) -> dict[str, tuple[Callable, Callable, bool]]:
+def timed(fn: Callable[[], float], device: torch.device, budget_s: float = 3.0) -> tuple[float, float, float]:
+    """(value, median seconds, peak MiB): resident memory on the CPU, allocated GPU memory on CUDA."""
+    if device.type != "cuda":
+        return repeat(fn, budget_s=budget_s)
+    fn()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    _, seconds, _ = repeat(fn, budget_s=budget_s)
+    return fn(), seconds, (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def pml_pairs(num_classes: int, device: torch.device) -> dict[str, tuple[Callable, Callable, bool]]:
     """name -> (ours, PML, deterministic) loss functions of (embeddings, labels)."""
     from pytorch_metric_learning import distances
     from pytorch_metric_learning import losses as pml_losses
@@ -70,6 +87,8 @@ def pml_pairs(num_classes: int) -> dict[str, tuple[Callable, Callable, bool]]:
     ours_dws = miners.DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4)
     pml_margin = pml_losses.MarginLoss(margin=0.2, beta=1.2, learn_beta=True, num_classes=num_classes)
     pml_dws = pml_miners.DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4)
+    for module in (ours_pa, pml_pa, ours_margin, pml_margin):
+        module.to(device)
     return {
         "contrastive": (ours_contrastive, pml_contrastive, True),
         "triplet": (ours_triplet, pml_triplet, True),
@@ -117,8 +136,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[128, 512, 2048])
     parser.add_argument("--official-contextual", type=Path, default=None)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
+    device = torch.device(args.device)
 
     header = (
         f"{'loss':<26}{'batch':>6}{'ours s':>10}{'ref s':>10}{'speedup':>9}{'ours MiB':>10}{'ref MiB':>9}"
@@ -126,16 +147,19 @@ def main() -> None:
     )
     speedups: dict[tuple[str, int], float] = {}
     memory_ratios: dict[tuple[str, int], float] = {}
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, dim {DIM}, 4 per class, float32, CPU\n"
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
     )
+    print(f"torch {torch.__version__}, {where}, dim {DIM}, 4 per class\n")
     print("vs pytorch-metric-learning")
     print(header)
     for batch in args.batches:
-        x, y = make_batch(batch)
-        for name, (ours, ref, deterministic) in pml_pairs(batch // 4).items():
-            ours_value, ours_s, ours_mib = repeat(step(ours, x, y))
-            ref_value, ref_s, ref_mib = repeat(step(ref, x, y), budget_s=20.0)
+        x, y = (t.to(device) for t in make_batch(batch))
+        for name, (ours, ref, deterministic) in pml_pairs(batch // 4, device).items():
+            ours_value, ours_s, ours_mib = timed(step(ours, x, y), device)
+            ref_value, ref_s, ref_mib = timed(step(ref, x, y), device, budget_s=20.0)
             rel = abs(ours_value - ref_value) / max(abs(ref_value), 1e-12)
             diff = f"{rel:.1e}" if deterministic else "random"
             speedups[name, batch] = ref_s / ours_s
@@ -146,10 +170,10 @@ def main() -> None:
             )
 
     fp16_batch = 512
-    x16, y16 = make_batch(fp16_batch, torch.float16)
-    ours_t, pml_t, _ = pml_pairs(fp16_batch // 4)["triplet"]
-    _, ours_s, ours_mib = repeat(step(ours_t, x16, y16))
-    _, ref_s, ref_mib = repeat(step(pml_t, x16, y16), budget_s=20.0)
+    x16, y16 = (t.to(device) for t in make_batch(fp16_batch, torch.float16))
+    ours_t, pml_t, _ = pml_pairs(fp16_batch // 4, device)["triplet"]
+    _, ours_s, ours_mib = timed(step(ours_t, x16, y16), device)
+    _, ref_s, ref_mib = timed(step(pml_t, x16, y16), device, budget_s=20.0)
     fp16_speedup = ref_s / ours_s
     print(
         f"\nfloat16 embeddings, triplet, batch {fp16_batch}: ours {ours_s:.4f} s / {ours_mib:.0f} MiB, PML "
@@ -162,9 +186,9 @@ def main() -> None:
         official = official_hybrid(args.official_contextual)
         ours = losses.ContextualLoss.from_preset("cub")
         for batch in args.batches:
-            x, y = make_batch(batch)
-            ours_value, ours_s, ours_mib = repeat(step(ours, x, y))
-            ref_value, ref_s, ref_mib = repeat(step(official, x, y), budget_s=20.0)
+            x, y = (t.to(device) for t in make_batch(batch))
+            ours_value, ours_s, ours_mib = timed(step(ours, x, y), device)
+            ref_value, ref_s, ref_mib = timed(step(official, x, y), device, budget_s=20.0)
             diff = abs(ours_value - ref_value) / abs(ref_value)
             print(
                 f"{'contextual (cub)':<26}{batch:>6}{ours_s:>10.4f}{ref_s:>10.4f}{ref_s / ours_s:>8.1f}x"

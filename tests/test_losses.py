@@ -377,3 +377,21 @@ def test_custom_gradients_match_autograd() -> None:
         cross = loss.prepare_batch(x, labels, ref_emb=ref, ref_labels=torch.arange(5) % 3)
         expected = ((x[:, None] - ref[None]).pow(2).sum(-1).clamp(min=floor) + offset).sqrt()
         torch.testing.assert_close(cross.distances(floor, offset), expected)
+
+
+def test_row_sampling_follows_the_weights() -> None:
+    from scipy.stats import chisquare
+
+    from objretrieval.miners.distance_weighted import sample_rows
+
+    weights = torch.tensor(
+        [[0.0, 1.0, 3.0, 0.0], [2.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64
+    )
+    draws = sample_rows(weights, 20_000, torch.Generator().manual_seed(0))
+    assert draws.shape == (3, 20_000)
+    assert bool((weights.gather(1, draws) > 0).all())  # zero-weight columns never come out
+    for row in (0, 2):
+        counts = torch.bincount(draws[row], minlength=4).double()
+        support = weights[row] > 0
+        expected = 20_000 * weights[row][support] / weights[row].sum()
+        assert chisquare(counts[support].numpy(), expected.numpy()).pvalue > 1e-3

@@ -134,9 +134,9 @@ class ParametricLoss(MetricLoss):
         return [group]
 
 
-def masked_log1p_sum_exp(x: Tensor, mask: Tensor) -> Tensor:
-    """Row-wise ``log(1 + sum_j exp(x_ij))`` over ``mask``: 0 for empty rows, stable, no NaN gradients."""
+def masked_log1p_sum_exp(x: Tensor, mask: Tensor, dim: int = 1) -> Tensor:
+    """``log(1 + sum exp(x))`` over the masked entries along ``dim``: 0 where none, stable, no NaN gradients."""
     x = x.masked_fill(~mask, float("-inf"))
-    shift = x.amax(dim=1, keepdim=True).clamp(min=0.0)  # the "1" is exp(0), part of the max
-    total = torch.exp(-shift).squeeze(1) + torch.exp(x - shift).sum(dim=1)
-    return shift.squeeze(1) + torch.log(total)
+    shift = x.amax(dim=dim, keepdim=True).clamp(min=0.0)  # the "1" is exp(0), part of the max
+    total = torch.exp(-shift).squeeze(dim) + torch.exp(x - shift).sum(dim=dim)
+    return shift.squeeze(dim) + torch.log(total)

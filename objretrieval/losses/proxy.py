@@ -74,8 +74,8 @@ class ProxyAnchorLoss(_ProxyLoss):
         member = self._one_hot(batch)
         cos = batch.embeddings @ self._proxies(batch).T
         # log(1 + sum exp(z)) per proxy, computed stably: e^{alpha * 1.1} would overflow half precision
-        pos = masked_log1p_sum_exp((-self.alpha * (cos - self.margin)).T, member.T)
-        neg = masked_log1p_sum_exp((self.alpha * (cos + self.margin)).T, ~member.T)
+        pos = masked_log1p_sum_exp(-self.alpha * (cos - self.margin), member, dim=0)
+        neg = masked_log1p_sum_exp(self.alpha * (cos + self.margin), ~member, dim=0)
         present = member.any(dim=0)
         return pos[present].sum() / present.sum() + neg.sum() / self.num_classes
 

@@ -19,7 +19,7 @@ class DistanceWeightedMiner(Miner):
     pytorch-metric-learning; MIC drops it) zeroes the weight of negatives at or beyond that distance; an anchor
     whose negatives all fall there draws uniformly among them.
 
-    All anchors are sampled at once with ``torch.multinomial``; pass a ``generator`` for reproducible draws.
+    All anchors are sampled at once (:func:`sample_rows`); pass a ``generator`` for reproducible draws.
 
     Args:
         cutoff: lower distance cutoff.
@@ -72,6 +72,21 @@ class DistanceWeightedMiner(Miner):
         if anchors.numel() == 0:
             empty = torch.empty(0, dtype=torch.long, device=labels.device)
             return MinedTriplets(empty, empty, empty)
-        positives = torch.multinomial(same[anchors].float(), k, replacement=True, generator=self.generator)
-        negatives = torch.multinomial(neg_p[anchors], k, replacement=True, generator=self.generator)
+        positives = sample_rows(same[anchors].to(neg_p.dtype), k, self.generator)
+        negatives = sample_rows(neg_p[anchors], k, self.generator)
         return MinedTriplets(anchors.repeat_interleave(k), positives.flatten(), negatives.flatten())
+
+
+def sample_rows(weights: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """(R, k) column indices drawn with replacement from each row's non-negative ``weights`` (R, M).
+
+    Inverse-CDF sampling: a cumulative sum and a binary search per draw, O(R M + R k log M), where
+    ``torch.multinomial`` spends an exponential variate on every entry. Zero-weight columns are never drawn;
+    every row needs a positive total.
+    """
+    cdf = weights.cumsum(dim=1)
+    u = torch.rand(weights.shape[0], k, generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    drawn = torch.searchsorted(cdf, u, right=True)  # first column whose cumulative weight exceeds u
+    # u * total can round up to the total itself; fall back to the row's last drawable column
+    last = weights.shape[1] - 1 - (weights > 0).flip(1).to(torch.int8).argmax(dim=1, keepdim=True)
+    return torch.minimum(drawn, last)
