@@ -73,3 +73,22 @@ def repeat(fn: Callable[[], Any], *, budget_s: float = 3.0, max_runs: int = 7) -
         times.append(time.perf_counter() - start)
     out, peak = peak_memory(fn)
     return out, statistics.median(times), peak
+
+
+def timed(
+    fn: Callable[[], Any], device: Any, *, budget_s: float = 3.0, max_runs: int = 7
+) -> tuple[Any, float, float]:
+    """:func:`repeat` on a torch device: (result, median seconds, peak MiB).
+
+    Peak memory is resident memory on the CPU and the peak of allocated GPU memory above the start on CUDA;
+    ``fn`` must synchronise (return a CPU value) for CUDA timings to be right.
+    """
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return repeat(fn, budget_s=budget_s, max_runs=max_runs)
+    fn()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    _, seconds, _ = repeat(fn, budget_s=budget_s, max_runs=max_runs)
+    return fn(), seconds, (torch.cuda.max_memory_allocated(device) - base) / 2**20

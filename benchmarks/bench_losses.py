@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from _harness import repeat
+from _harness import timed
 
 from objretrieval import losses, miners
 
@@ -53,17 +53,6 @@ def step(
         return float(value.detach())  # synchronises the device
 
     return run
-
-
-def timed(fn: Callable[[], float], device: torch.device, budget_s: float = 3.0) -> tuple[float, float, float]:
-    """(value, median seconds, peak MiB): resident memory on the CPU, allocated GPU memory on CUDA."""
-    if device.type != "cuda":
-        return repeat(fn, budget_s=budget_s)
-    fn()
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    _, seconds, _ = repeat(fn, budget_s=budget_s)
-    return fn(), seconds, (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 def pml_pairs(num_classes: int, device: torch.device) -> dict[str, tuple[Callable, Callable, bool]]:

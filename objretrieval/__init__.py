@@ -6,6 +6,8 @@ Top-level names cover the common path; the subpackages hold the rest:
 - :mod:`objretrieval.search`: streaming exact kNN (torch) and faiss indexes.
 - :mod:`objretrieval.metrics`: Recall@K, MAP@R, mAP, NMI, revisited Oxford/Paris, GLDv2, AR@K.
 - :mod:`objretrieval.losses`, :mod:`objretrieval.miners`, :mod:`objretrieval.samplers`: training.
+- :mod:`objretrieval.descriptors`: local-descriptor extraction (DINOv2, CVNet), AMES's row layout, h5py stores.
+- :mod:`objretrieval.reranking`: global shortlist -> pairwise (AMES) rerank -> fused ranking and evaluation.
 """
 
 from objretrieval.metrics import RetrievalEvaluator, RetrievalResult

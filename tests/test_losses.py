@@ -395,3 +395,94 @@ def test_row_sampling_follows_the_weights() -> None:
         support = weights[row] > 0
         expected = 20_000 * weights[row][support] / weights[row].sum()
         assert chisquare(counts[support].numpy(), expected.numpy()).pvalue > 1e-3
+
+
+# -- pairwise losses (AMES training) ---------------------------------------------------------------------------
+
+
+def _bce(x: float, y: float) -> float:
+    import math
+
+    p = 1 / (1 + math.exp(-x))
+    return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+
+def test_pair_bce_loss_formula_and_target_types() -> None:
+    from objretrieval.losses import PairBCELoss
+
+    logits = torch.tensor([2.0, -1.0, 0.5])
+    expected = [_bce(2.0, 1), _bce(-1.0, 0), _bce(0.5, 1)]
+    for targets in (
+        torch.tensor([True, False, True]),
+        torch.tensor([1, 0, 1]),
+        torch.tensor([1.0, 0.0, 1.0]),
+    ):
+        assert PairBCELoss()(logits, targets).item() == pytest.approx(sum(expected) / 3, rel=1e-6)
+    per_pair = PairBCELoss(reduction="none")(logits, torch.tensor([1, 0, 1]))
+    torch.testing.assert_close(per_pair, torch.tensor(expected))
+    weighted = PairBCELoss(pos_weight=3.0, reduction="sum")(logits, torch.tensor([1, 0, 1]))
+    assert weighted.item() == pytest.approx(3 * expected[0] + expected[1] + 3 * expected[2], rel=1e-6)
+    soft = PairBCELoss()(torch.tensor([0.3]), torch.tensor([0.25]))
+    assert soft.item() == pytest.approx(_bce(0.3, 0.25), rel=1e-6)
+
+
+def test_pair_bce_loss_is_float32_under_autocast() -> None:
+    from objretrieval.losses import PairBCELoss
+
+    logits = torch.tensor([2.0, -1.0], dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = PairBCELoss()(logits, torch.tensor([1, 0]))
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert logits.grad is not None and logits.grad.dtype == torch.bfloat16
+
+
+def test_pair_distillation_loss() -> None:
+    from objretrieval.losses import PairDistillationLoss
+
+    student = torch.tensor([1.0, -2.0], requires_grad=True)
+    teacher = torch.tensor([3.0, -1.0], requires_grad=True)
+    import math
+
+    def sigmoid(v: float) -> float:
+        return 1 / (1 + math.exp(-v))
+
+    # pure distillation: cross-entropy against the teacher's probabilities, at temperature 2 scaled by 4
+    t = 2.0
+    soft = [4 * _bce(1.0 / t, sigmoid(3.0 / t)), 4 * _bce(-2.0 / t, sigmoid(-1.0 / t))]
+    loss = PairDistillationLoss(temperature=t)(student, teacher)
+    assert loss.item() == pytest.approx(sum(soft) / 2, rel=1e-6)
+    loss.backward()
+    assert teacher.grad is None  # the teacher is a fixed target
+    # with labels: alpha * BCE + (1 - alpha) * distillation
+    mixed = PairDistillationLoss(alpha=0.25, reduction="none")(student, teacher, torch.tensor([1, 0]))
+    hard = [_bce(1.0, 1), _bce(-2.0, 0)]
+    soft1 = [_bce(1.0, sigmoid(3.0)), _bce(-2.0, sigmoid(-1.0))]
+    torch.testing.assert_close(
+        mixed, torch.tensor([0.25 * h + 0.75 * s for h, s in zip(hard, soft1, strict=True)])
+    )
+    mse = PairDistillationLoss(kind="mse", alpha=0.0)(student, teacher, torch.tensor([1, 0]))
+    assert mse.item() == pytest.approx((4.0 + 1.0) / 2)
+
+
+def test_pairwise_loss_errors() -> None:
+    from objretrieval.losses import PairBCELoss, PairDistillationLoss
+
+    with pytest.raises(ValueError, match=r"targets must have the logits' shape \(3,\)"):
+        PairBCELoss()(torch.zeros(3), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"logits must be a non-empty \(B,\) tensor"):
+        PairBCELoss()(torch.zeros(3, 1), torch.zeros(3, 1))
+    with pytest.raises(TypeError, match="logits must be floating point"):
+        PairBCELoss()(torch.zeros(3, dtype=torch.long), torch.zeros(3))
+    with pytest.raises(ValueError, match="integer targets must be 0 or 1"):
+        PairBCELoss()(torch.zeros(2), torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 1\]"):
+        PairBCELoss()(torch.zeros(2), torch.tensor([0.5, 1.5]))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        PairBCELoss(reduction="max")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"teacher must have the student's shape \(2,\)"):
+        PairDistillationLoss()(torch.zeros(2), torch.zeros(3))
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        PairDistillationLoss(alpha=1.5)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        PairDistillationLoss(kind="kl")  # type: ignore[arg-type]

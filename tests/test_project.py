@@ -68,3 +68,58 @@ def test_quickstart_training_improves_retrieval(tmp_path: Path) -> None:
     assert rows["trained"][map_r] > 1.3 * rows["untrained"][map_r]
     assert picture.is_file() and picture.stat().st_size > 10_000
     assert "training" in result.stderr  # the tqdm progress bar
+
+
+def _table(stdout: str, pattern: str) -> dict[str, list[float]]:
+    rows = {}
+    for line in stdout.splitlines():
+        m = re.match(pattern, line)
+        if m:
+            rows[m[1].strip()] = [float(v) for v in m[2].split()]
+    return rows
+
+
+def test_ames_rerank_example_runs_end_to_end(tmp_path: Path) -> None:
+    """Extraction (random ViT) -> descriptor files -> global shortlist -> binarized AMES rerank -> revisited mAP."""
+    out = tmp_path / "ames"
+    result = _run(
+        "examples/ames_rerank.py",
+        *("--model", "dinov2_ames_dist", "--backbone", "vit_small_patch14_reg4_dinov2"),
+        *("--landmarks", "3", "--distractors", "3", "--shortlist", "10", "--out", str(out)),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "database cache: 800 bytes per image (packed codes)" in result.stdout
+    rows = _table(
+        result.stdout, r"^(global only|AMES default lamb=0.35 temp=0.1|AMES best .*?)\s+([\d.]+\s+[\d.]+)$"
+    )
+    assert len(rows) == 3, result.stdout
+    assert all(0.0 <= v <= 100.0 for values in rows.values() for v in values)
+    default = rows["AMES default lamb=0.35 temp=0.1"]
+    best = next(v for k, v in rows.items() if k.startswith("AMES best"))
+    assert sum(best) >= sum(default)  # the sweep includes the default
+    for name in ("query_local.h5", "db_local.h5", "db_codes.h5"):
+        assert (out / name).is_file()
+    from objretrieval.descriptors import BinaryCodeStore, DescriptorStore
+
+    with DescriptorStore(out / "db_local.h5") as store:
+        assert (len(store), store.topk, store.dim) == (15, 700, 384)
+    with BinaryCodeStore(out / "db_codes.h5") as codes:
+        assert len(codes) == 15 and codes.bytes_per_image == 800
+
+
+def test_ames_training_example_learns(tmp_path: Path) -> None:
+    """Pair BCE trains the teacher; distillation trains the binarized student, both above the untrained model."""
+    result = _run("examples/ames_train.py", "--steps", "400", "--out", str(tmp_path / "train"))
+    assert result.returncode == 0, result.stderr
+    rows = _table(
+        result.stdout, r"^(untrained teacher|teacher \(pair BCE\)|binarized student \(distil\))\s+([\d.]+)"
+    )
+    assert len(rows) == 3, result.stdout
+    untrained, teacher, student = (
+        rows["untrained teacher"][0],
+        rows["teacher (pair BCE)"][0],
+        rows["binarized student (distil)"][0],
+    )
+    assert untrained < 0.6
+    assert teacher > untrained + 0.15
+    assert student > untrained + 0.15

@@ -5,6 +5,8 @@ loss = ContextualLoss()                       # or ContrastiveLoss(), TripletMar
 value = loss(embeddings, labels)              # (N, D) floats, (N,) integer labels
 value = loss(embeddings, labels, miner(embeddings, labels))   # with mined pairs or triplets
 ```
+
+Pairwise models (AMES) train on one logit per pair: :class:`PairBCELoss`, :class:`PairDistillationLoss`.
 """
 
 from objretrieval.losses.adversarial import AdversarialDecorrelationLoss, grad_reverse
@@ -13,6 +15,7 @@ from objretrieval.losses.contextual import ContextualLoss, contextual_similarity
 from objretrieval.losses.contrastive import ContrastiveLoss, margin_contrastive, similarity_regularizer
 from objretrieval.losses.margin import MarginLoss
 from objretrieval.losses.multi_similarity import MultiSimilarityLoss
+from objretrieval.losses.pairwise import PairBCELoss, PairDistillationLoss
 from objretrieval.losses.proxy import ProxyAnchorLoss, ProxyNCALoss
 from objretrieval.losses.ranking_ap import ROADMAPLoss, SmoothAPLoss, ranking_average_precision
 from objretrieval.losses.triplet import TripletMarginLoss
@@ -24,7 +27,9 @@ __all__ = [
     "MarginLoss",
     "MetricLoss",
     "MultiSimilarityLoss",
+    "PairBCELoss",
     "PairBatch",
+    "PairDistillationLoss",
     "ParametricLoss",
     "ProxyAnchorLoss",
     "ProxyNCALoss",

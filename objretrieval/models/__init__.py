@@ -4,6 +4,9 @@ Model families register their builders when this package is imported; ``create_m
 find them through the registry.
 """
 
+# model families register their builders on import
+from objretrieval.models import ames, cvnet  # noqa: F401  (registers the builders)
+from objretrieval.models.ames import AMES, AMES_FUSION
 from objretrieval.models.builder import create_model, hub_entrypoint
 from objretrieval.models.checkpoint import (
     CheckpointMismatchError,
@@ -14,6 +17,7 @@ from objretrieval.models.checkpoint import (
     save_checkpoint,
     unwrap_state_dict,
 )
+from objretrieval.models.cvnet import CVNetBackbone
 from objretrieval.models.registry import (
     NATIVE_FORMAT,
     CheckpointFormat,
@@ -27,7 +31,10 @@ from objretrieval.models.registry import (
 )
 
 __all__ = [
+    "AMES",
+    "AMES_FUSION",
     "NATIVE_FORMAT",
+    "CVNetBackbone",
     "CheckpointFormat",
     "CheckpointMismatchError",
     "ModelEntry",

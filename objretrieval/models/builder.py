@@ -132,13 +132,13 @@ def hub_entrypoint(name: str) -> Callable[..., nn.Module]:
     entry = get_model_entry(name)
 
     def load(pretrained: bool | str | None = None, **kwargs: Any) -> nn.Module:
-        if pretrained is None:
-            pretrained = entry.has_pretrained
+        if pretrained is None:  # a local checkpoint replaces the default download
+            pretrained = entry.has_pretrained and kwargs.get("checkpoint") is None
         return create_model(name, pretrained=pretrained, **kwargs)
 
     load.__name__ = load.__qualname__ = name
     load.__doc__ = (entry.builder.__doc__ or f"Build {name}.") + (
-        "\n\nLoaded through torch.hub: ``pretrained`` defaults to True when weights are registered; other "
-        "keyword arguments go to objretrieval.create_model."
+        "\n\nLoaded through torch.hub: ``pretrained`` defaults to True when weights are registered and no "
+        "``checkpoint`` is given; other keyword arguments go to objretrieval.create_model."
     )
     return load

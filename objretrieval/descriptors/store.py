@@ -1,0 +1,204 @@
+"""Local descriptors on disk (h5py), in AMES's file layout, read in batches without loading the file.
+
+``features`` (N, topk, 5 + D) float32 holds one row per descriptor (see :mod:`objretrieval.descriptors.local`),
+as the official extraction writes ``{desc}_{query|gallery}_local.hdf5``. A packed-binary store holds 128-bit
+codes instead: ``codes`` (N, T, 16) uint8 and ``padding`` (N, T) bool, 800 bytes per image for T = 50.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+
+from objretrieval.descriptors.local import HEADER, split_rows
+
+PathLike = str | os.PathLike[str]
+
+
+def _read_sorted(dataset: h5py.Dataset, indices: Sequence[int] | np.ndarray, limit: int | None) -> np.ndarray:
+    """Rows ``dataset[indices, :limit]`` in the requested order (h5py wants sorted unique indices)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.ndim != 1:
+        raise ValueError(f"indices must be 1-D, got shape {indices.shape}")
+    if indices.size and (indices.min() < 0 or indices.max() >= dataset.shape[0]):
+        raise IndexError(
+            f"indices must lie in [0, {dataset.shape[0]}), got min {indices.min()}, max {indices.max()}"
+        )
+    unique, inverse = np.unique(indices, return_inverse=True)
+    window = slice(None, limit)
+    return dataset[unique.tolist(), window][inverse] if unique.size else dataset[[], window]
+
+
+def _check_range(start: int, count: int, size: int) -> None:
+    if start < 0 or start + count > size:
+        raise ValueError(f"images {start} .. {start + count} do not fit in a store of {size}")
+
+
+_Store = TypeVar("_Store", bound="_H5Store")
+
+
+class _H5Store:
+    """An open h5py file that must hold the named datasets; a context manager that closes it."""
+
+    def __init__(self, path: PathLike, mode: str, datasets: tuple[str, ...], layout: str) -> None:
+        self.path = os.fspath(path)
+        self.file = h5py.File(self.path, mode)
+        for name in datasets:
+            if name not in self.file:
+                self.file.close()
+                raise KeyError(f"{self.path} has no '{name}' dataset ({layout})")
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self: _Store) -> _Store:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class DescriptorStore(_H5Store):
+    """An h5py file of local descriptor rows, ``features`` (N, topk, 5 + D).
+
+    Open an existing file with ``DescriptorStore(path)``; write a new one with :meth:`create`. Use as a context
+    manager or call :meth:`close`.
+    """
+
+    def __init__(self, path: PathLike, mode: str = "r") -> None:
+        super().__init__(path, mode, ("features",), "the AMES descriptor layout")
+        self.features: h5py.Dataset = self.file["features"]
+        if self.features.ndim != 3 or self.features.shape[2] <= HEADER:
+            raise ValueError(
+                f"{self.path}: 'features' must be (N, topk, {HEADER} + D), got {self.features.shape}"
+            )
+
+    @classmethod
+    def create(
+        cls,
+        path: PathLike,
+        num_images: int,
+        topk: int,
+        dim: int,
+        *,
+        chunked: bool = True,
+        compression: str | None = None,
+    ) -> DescriptorStore:
+        """A new file for ``num_images`` images of ``topk`` rows of ``dim``-d descriptors.
+
+        Args:
+            chunked: one image per chunk, so that reading a few images touches only their chunks.
+            compression: an h5py filter, e.g. ``"gzip"`` or ``"lzf"`` (needs ``chunked``).
+        """
+        if compression is not None and not chunked:
+            raise ValueError("compression needs a chunked dataset (chunked=True)")
+        with h5py.File(os.fspath(path), "w") as f:
+            f.create_dataset(
+                "features",
+                shape=(num_images, topk, HEADER + dim),
+                dtype=np.float32,
+                chunks=(1, topk, HEADER + dim) if chunked else None,
+                compression=compression,
+            )
+        return cls(path, "r+")
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def topk(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[2]) - HEADER
+
+    def write(self, start: int, rows: Tensor | np.ndarray) -> None:
+        """Write (n, topk, 5 + D) rows for images ``start .. start + n``."""
+        array = rows.detach().cpu().numpy() if isinstance(rows, Tensor) else np.asarray(rows)
+        if array.ndim != 3 or array.shape[1:] != self.features.shape[1:]:
+            raise ValueError(f"rows must have shape (n, {self.topk}, {HEADER + self.dim}), got {array.shape}")
+        _check_range(start, array.shape[0], len(self))
+        self.features[start : start + array.shape[0]] = array
+
+    def read_rows(self, indices: Sequence[int] | np.ndarray, max_descriptors: int | None = None) -> Tensor:
+        """(n, T, 5 + D) rows of the given images, in the order asked, with the first ``max_descriptors`` rows."""
+        return torch.from_numpy(_read_sorted(self.features, indices, max_descriptors))
+
+    def read(
+        self, indices: Sequence[int] | np.ndarray, max_descriptors: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Descriptors (n, T, D) and padding mask (n, T) (True = padding) of the given images.
+
+        Rows are sorted by weight, so ``max_descriptors`` keeps each image's strongest descriptors.
+        """
+        return split_rows(self.read_rows(indices, max_descriptors))
+
+    def blocks(
+        self, block_size: int = 256, max_descriptors: int | None = None
+    ) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """Yield ``(start, descriptors, padding)`` for consecutive blocks of images."""
+        for start in range(0, len(self), block_size):
+            rows = torch.from_numpy(self.features[start : start + block_size, :max_descriptors])
+            yield (start, *split_rows(rows))
+
+
+class BinaryCodeStore(_H5Store):
+    """An h5py file of packed binary codes: ``codes`` (N, T, bits / 8) uint8 and ``padding`` (N, T) bool."""
+
+    def __init__(self, path: PathLike, mode: str = "r") -> None:
+        super().__init__(path, mode, ("codes", "padding"), "a packed binary code store")
+        self.codes: h5py.Dataset = self.file["codes"]
+        self.padding: h5py.Dataset = self.file["padding"]
+
+    @classmethod
+    def create(
+        cls, path: PathLike, num_images: int, num_descriptors: int, bits: int = 128
+    ) -> BinaryCodeStore:
+        if bits % 8:
+            raise ValueError(f"bits must be a multiple of 8, got {bits}")
+        with h5py.File(os.fspath(path), "w") as f:
+            f.create_dataset(
+                "codes",
+                shape=(num_images, num_descriptors, bits // 8),
+                dtype=np.uint8,
+                chunks=(1, num_descriptors, bits // 8),
+            )
+            f.create_dataset(
+                "padding", shape=(num_images, num_descriptors), dtype=bool, chunks=(1, num_descriptors)
+            )
+        return cls(path, "r+")
+
+    def __len__(self) -> int:
+        return int(self.codes.shape[0])
+
+    def write(self, start: int, codes: Tensor, padding: Tensor) -> None:
+        """Write (n, T, bits / 8) uint8 codes and their (n, T) padding mask from image ``start`` on."""
+        if codes.dtype != torch.uint8 or tuple(codes.shape[1:]) != self.codes.shape[1:]:
+            raise ValueError(
+                f"codes must be uint8 of shape (n, {', '.join(map(str, self.codes.shape[1:]))}), "
+                f"got {codes.dtype} {tuple(codes.shape)}"
+            )
+        if padding.shape != codes.shape[:2]:
+            raise ValueError(f"padding must have shape {tuple(codes.shape[:2])}, got {tuple(padding.shape)}")
+        _check_range(start, codes.shape[0], len(self))
+        self.codes[start : start + codes.shape[0]] = codes.cpu().numpy()
+        self.padding[start : start + padding.shape[0]] = padding.cpu().numpy()
+
+    def read(self, indices: Sequence[int] | np.ndarray) -> tuple[Tensor, Tensor]:
+        """Packed codes (n, T, bits / 8) and padding (n, T) of the given images, in the order asked."""
+        return (
+            torch.from_numpy(_read_sorted(self.codes, indices, None)),
+            torch.from_numpy(_read_sorted(self.padding, indices, None)),
+        )
+
+    @property
+    def bytes_per_image(self) -> int:
+        """Storage of one image's codes (the padding mask aside)."""
+        return int(np.prod(self.codes.shape[1:]))

@@ -1,0 +1,426 @@
+"""AMES: asymmetric and memory-efficient similarity of two images from their local descriptors.
+
+Suma, Kordopatis-Zilos, Iscen and Tolias, ECCV 2024. A small transformer reads the local descriptors of a
+query (many, e.g. 600) and of a database image (few, e.g. 50) and outputs one logit; reranking a global kNN
+shortlist with it is the method. The database side can be binarized (128 bits per descriptor).
+
+The sequence is ``[m, query_1..query_Q, database_1..database_T]`` with a learned matching token m. In every
+layer a self-attention lets each image attend within itself (and m to everything) and a cross-attention
+lets each image attend to the other (and m to everything). Those block patterns are computed here as three
+fused attention calls per attention (m, query rows, database rows) instead of one masked L x L product, and
+when only the score is wanted the last layer computes the cross-attention and feed-forward of m alone. Module
+and parameter names are the official ones, so official checkpoints (weights under ``"state"``) load as they
+are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from objretrieval.descriptors.binary import pack_bits, signs_from_bits
+from objretrieval.models.registry import CheckpointFormat, PretrainedCfg, register_model
+
+Activation = Literal["relu", "gelu"]
+
+_FF_CHUNK = 4096  # tokens per feed-forward chunk in inference
+
+#: (lamb, temp) of the score fusion ``lamb * global + (1 - lamb) * sigmoid(temp * logit)``, tuned on GLDv2-test
+#: public by the AMES authors for each released model; (0.5, 0.5) is the official configuration's default.
+AMES_FUSION: dict[str, tuple[float, float]] = {
+    "dinov2_ames": (0.55, 0.30),
+    "dinov2_ames_dist": (0.35, 0.10),
+    "cvnet_ames": (0.85, 0.80),
+    "cvnet_ames_dist": (0.65, 0.20),
+}
+
+
+class BinarizationLayer(nn.Module):
+    """``sign(normalize(x) @ W)`` with a trainable projection W (Dl, bits); ``erf`` relaxation in training.
+
+    The official model initialises W from an ITQ rotation file; here W starts as a random orthonormal
+    projection (:meth:`load_itq` reads the official ``.npz``), and checkpoints overwrite it anyway.
+
+    Args:
+        dims: input dimension Dl.
+        bits: number of bits (must equal the model dimension).
+        sigma: relaxation width: ``erf(x / sqrt(2 sigma))`` in training.
+    """
+
+    def __init__(self, dims: int, bits: int, sigma: float = 1e-6) -> None:
+        super().__init__()
+        self.sigma = sigma
+        self.W = nn.Parameter(torch.empty(dims, bits))
+        nn.init.orthogonal_(self.W)
+
+    def load_itq(self, path: str) -> None:
+        """Set W from an official ITQ file (``np.savez`` with key ``proj`` of shape (Dl, bits))."""
+        import numpy as np
+
+        proj = torch.from_numpy(np.load(path)["proj"]).float()
+        if proj.shape != self.W.shape:
+            raise ValueError(f"ITQ projection has shape {tuple(proj.shape)}, expected {tuple(self.W.shape)}")
+        with torch.no_grad():
+            self.W.copy_(proj)
+
+    def project(self, x: Tensor) -> Tensor:
+        """Real-valued projections ``normalize(x) @ W`` before binarization."""
+        return F.normalize(x, dim=-1) @ self.W
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.project(x)
+        return torch.erf(z / math.sqrt(2 * self.sigma)) if self.training else torch.sign(z)
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor) -> Tensor:
+    """Fused scaled dot-product attention of (B, H, Lq, dh) queries; ``keep`` (B, Lk) marks usable keys."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+
+
+class _Heads:
+    """A sequence projected to multi-head queries, keys and values, sliced into the token groups."""
+
+    def __init__(self, mha: nn.MultiheadAttention, x: Tensor, num_query: int) -> None:
+        b, length, d = x.shape
+        h = mha.num_heads
+        qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+        qkv = qkv.view(b, length, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (3, B, H, L, dh)
+        self.q, self.k, self.v = qkv[0], qkv[1], qkv[2]
+        self.split = 1 + num_query
+
+    def keys(self, group: str) -> tuple[Tensor, Tensor]:
+        """Keys/values of m plus the query tokens (``"query"``), plus the database tokens, or of all tokens."""
+        if group == "all":
+            return self.k, self.v
+        if group == "query":
+            return self.k[:, :, : self.split], self.v[:, :, : self.split]
+        k = torch.cat([self.k[:, :, :1], self.k[:, :, self.split :]], dim=2)
+        v = torch.cat([self.v[:, :, :1], self.v[:, :, self.split :]], dim=2)
+        return k, v
+
+
+class AMESLayer(nn.Module):
+    """One AMES layer: self-attention within each image, cross-attention between them, feed-forward."""
+
+    def __init__(
+        self, d_model: int, nhead: int, dim_feedforward: int, activation: Activation, normalize_before: bool
+    ) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d_model, nhead, batch_first=True)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        activations: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu}
+        self.activation = activations[activation]
+        self.normalize_before = normalize_before
+
+    def _block_attention(
+        self,
+        mha: nn.MultiheadAttention,
+        x: Tensor,
+        num_query: int,
+        keep: Tensor,
+        cross: bool,
+        only_first: bool,
+    ) -> Tensor:
+        """Attention where m sees every token and each image sees itself (self) or the other image (cross)."""
+        heads = _Heads(mha, x, num_query)
+        b, h, _, dh = heads.q.shape
+        keep_query, keep_db = keep[:, : 1 + num_query], torch.cat([keep[:, :1], keep[:, 1 + num_query :]], 1)
+        k, v = heads.keys("all")
+        outputs = [_attention(heads.q[:, :, :1], k, v, keep)]
+        if not only_first:
+            query_keys = heads.keys("database" if cross else "query")
+            db_keys = heads.keys("query" if cross else "database")
+            outputs.append(
+                _attention(heads.q[:, :, 1 : 1 + num_query], *query_keys, keep_db if cross else keep_query)
+            )
+            outputs.append(
+                _attention(heads.q[:, :, 1 + num_query :], *db_keys, keep_query if cross else keep_db)
+            )
+        out = torch.cat(outputs, dim=2).transpose(1, 2).reshape(b, -1, h * dh)
+        return F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
+
+    def forward(self, x: Tensor, num_query: int, keep: Tensor, only_first: bool = False) -> Tensor:
+        """x: (B, 1 + Q + T, d); keep: (B, 1 + Q + T) True for real tokens. Returns the new states
+        ((B, 1, d) for m alone when ``only_first``)."""
+        if self.normalize_before:
+            x = x + self._block_attention(self.self_attn, self.norm1(x), num_query, keep, False, False)
+            first = x[:, :1] if only_first else x
+            x = first + self._block_attention(
+                self.cross_attn, self.norm2(x), num_query, keep, True, only_first
+            )
+            return x + self._ff(self.norm3(x))
+        x = self.norm1(x + self._block_attention(self.self_attn, x, num_query, keep, False, False))
+        first = x[:, :1] if only_first else x
+        x = self.norm2(first + self._block_attention(self.cross_attn, x, num_query, keep, True, only_first))
+        return self.norm3(x + self._ff(x))
+
+    def _ff(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            return self.linear2(self.activation(self.linear1(x)))
+        # Inference: in chunks of tokens, so the (tokens, dim_feedforward) activation stays small and its
+        # memory is reused (allocating it whole for a batch of pairs makes the FFN page-fault bound).
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.empty_like(flat)
+        for i in range(0, flat.shape[0], _FF_CHUNK):
+            out[i : i + _FF_CHUNK] = self.linear2(self.activation(self.linear1(flat[i : i + _FF_CHUNK])))
+        return out.view_as(x)
+
+
+class AMESDecoder(nn.Module):
+    """The stack of :class:`AMESLayer` (and a final LayerNorm in the pre-norm variant)."""
+
+    def __init__(self, layer_args: dict[str, Any], num_layers: int, final_norm: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([AMESLayer(**layer_args) for _ in range(num_layers)])
+        self.norm = nn.LayerNorm(layer_args["d_model"]) if final_norm else None
+
+    def forward(self, x: Tensor, num_query: int, keep: Tensor, only_first: bool = False) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, num_query, keep, only_first and i == len(self.layers) - 1)
+        return self.norm(x) if self.norm is not None else x
+
+
+@dataclass(frozen=True)
+class ProjectedDescriptors:
+    """Local descriptors projected to the model dimension: what AMES consumes, and what a database caches.
+
+    Attributes:
+        tokens: (N, T, d) projected descriptors; float16 for a full-precision database (the official model
+            rounds database tokens to float16 in evaluation, so this cache is lossless).
+        keep: (N, T) bool, True for real descriptors (False for padding).
+    """
+
+    tokens: Tensor
+    keep: Tensor
+
+
+class AMES(nn.Module):
+    """The AMES transformer. Arguments and parameter names follow the official code.
+
+    Args:
+        local_dim: dimension of the local descriptors (768 DINOv2, 1024 CVNet).
+        model_dim: transformer width (and number of bits of the binarized variant).
+        nhead: attention heads.
+        num_encoder_layers: layers.
+        dim_feedforward: feed-forward width.
+        activation: ``"relu"`` or ``"gelu"`` (the official ``glu``/``geglu`` options do not run).
+        normalize_before: pre-norm layers (and a final LayerNorm) instead of post-norm.
+        binarized: project descriptors to ``model_dim`` bits first (the "dist" models).
+        fusion: default (lamb, temp) for fusing its logits with global similarities in reranking (the
+            builders set the authors' values, :data:`AMES_FUSION`).
+    """
+
+    def __init__(
+        self,
+        local_dim: int = 768,
+        model_dim: int = 128,
+        nhead: int = 2,
+        num_encoder_layers: int = 5,
+        dim_feedforward: int = 1024,
+        activation: Activation = "relu",
+        normalize_before: bool = False,
+        binarized: bool = False,
+        fusion: tuple[float, float] = (0.5, 0.5),
+    ) -> None:
+        super().__init__()
+        if activation not in ("relu", "gelu"):
+            raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
+        if model_dim % nhead:
+            raise ValueError(f"model_dim ({model_dim}) must be divisible by nhead ({nhead})")
+        self.local_dim, self.model_dim, self.binarized = local_dim, model_dim, binarized
+        self.fusion = (float(fusion[0]), float(fusion[1]))
+        self.mtc_token = nn.Parameter(torch.empty(model_dim))
+        if binarized:
+            self.remap_local = nn.Sequential(
+                BinarizationLayer(local_dim, model_dim),
+                nn.Linear(model_dim, model_dim),
+                nn.LayerNorm(model_dim),
+            )
+        else:
+            self.remap_local = nn.Sequential(nn.Linear(local_dim, model_dim), nn.LayerNorm(model_dim))
+        layer_args = dict(
+            d_model=model_dim,
+            nhead=nhead,
+            dim_feedforward=dim_feedforward,
+            activation=activation,
+            normalize_before=normalize_before,
+        )
+        self.decoder = AMESDecoder(layer_args, num_encoder_layers, final_norm=normalize_before)
+        self.classifier = nn.Linear(model_dim, 1)
+        self.apply(_init_weights)
+        nn.init.trunc_normal_(self.mtc_token, std=0.02)
+
+    # -- inputs ----------------------------------------------------------------------------------------------
+    def _check(self, local: Tensor, mask: Tensor | None, name: str) -> tuple[Tensor, Tensor]:
+        if not isinstance(local, Tensor) or local.ndim != 3 or local.shape[-1] != self.local_dim:
+            shape = tuple(local.shape) if isinstance(local, Tensor) else type(local).__name__
+            raise ValueError(f"{name} must be (B, N, {self.local_dim}) local descriptors, got {shape}")
+        if not local.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {local.dtype}")
+        if mask is None:
+            return local, torch.ones(local.shape[:2], dtype=torch.bool, device=local.device)
+        if mask.shape != local.shape[:2]:
+            raise ValueError(f"{name} mask must have shape {tuple(local.shape[:2])}, got {tuple(mask.shape)}")
+        return local, ~mask.to(device=local.device, dtype=torch.bool)
+
+    def remap(self, local: Tensor) -> Tensor:
+        """(..., Dl) descriptors -> (..., d) tokens: L2-normalise, project (binarize), LayerNorm."""
+        return self.remap_local(F.normalize(local, dim=-1))
+
+    def project_database(self, local: Tensor, mask: Tensor | None = None) -> ProjectedDescriptors:
+        """Project database descriptors once, for caching: (N, T, Dl) -> float16 tokens in evaluation.
+
+        ``mask`` (N, T) marks padded slots (True = padding), as in the official files.
+        """
+        local, keep = self._check(local, mask, "database descriptors")
+        tokens = self.remap(local)
+        if not self.training and not self.binarized:
+            tokens = tokens.half()  # the official evaluation rounds database tokens to float16
+        return ProjectedDescriptors(tokens, keep)
+
+    def binary_codes(self, local: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Packed database codes of a binarized model: (N, T, bits / 8) uint8 and (N, T) keep mask.
+
+        128 bits take 16 bytes per descriptor, 800 bytes for an image of 50. :meth:`project_codes` turns them
+        into tokens; scores are the same as from the descriptors (padded slots, whose code the official
+        ``sign(0) = 0`` leaves empty, are never attended to).
+        """
+        if not self.binarized:
+            raise ValueError("binary_codes needs a binarized model (the *_dist builders)")
+        local, keep = self._check(local, mask, "database descriptors")
+        return pack_bits(cast(BinarizationLayer, self.remap_local[0]).project(local) > 0), keep
+
+    def project_codes(self, codes: Tensor, keep: Tensor) -> ProjectedDescriptors:
+        """Tokens from packed codes: unpack to +1 / -1, then the rest of the projection."""
+        signs = signs_from_bits(codes, self.mtc_token.dtype)
+        return ProjectedDescriptors(self.remap_local[2](self.remap_local[1](signs)), keep)
+
+    def project_query(self, local: Tensor, mask: Tensor | None = None) -> ProjectedDescriptors:
+        """Project query descriptors (B, Q, Dl) (or (Q, Dl) for one query)."""
+        if isinstance(local, Tensor) and local.ndim == 2:
+            local = local[None]
+            mask = None if mask is None else mask[None]
+        local, keep = self._check(local, mask, "query descriptors")
+        return ProjectedDescriptors(self.remap(local), keep)
+
+    # -- scoring ---------------------------------------------------------------------------------------------
+    def score(self, query: ProjectedDescriptors, database: ProjectedDescriptors) -> Tensor:
+        """(B,) logits of projected queries against projected database images.
+
+        ``query`` may hold one query (broadcast against every database image) or B of them.
+        """
+        return self._decode(query, database, only_first=True)[0]
+
+    def _decode(
+        self, query: ProjectedDescriptors, database: ProjectedDescriptors, only_first: bool
+    ) -> tuple[Tensor, Tensor]:
+        q_tokens, q_keep = query.tokens, query.keep
+        d_tokens = database.tokens.to(q_tokens.dtype)  # float16 database caches compute in the query's dtype
+        b = max(q_tokens.shape[0], d_tokens.shape[0])
+        if q_tokens.shape[0] != b:
+            q_tokens, q_keep = q_tokens.expand(b, -1, -1), q_keep.expand(b, -1)
+        m = self.mtc_token.to(q_tokens.dtype).expand(b, 1, -1)
+        x = torch.cat([m, q_tokens, d_tokens], dim=1)
+        keep = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device), q_keep, database.keep], dim=1)
+        states = self.decoder(x, q_tokens.shape[1], keep, only_first=only_first)
+        return self.classifier(states[:, 0]).view(-1), states
+
+    def forward(
+        self,
+        src_local: Tensor,
+        tgt_local: Tensor,
+        src_mask: Tensor | None = None,
+        tgt_mask: Tensor | None = None,
+        return_logits: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits (B,) of B (query, database) pairs.
+
+        Args:
+            src_local: (B, Q, Dl) query descriptors.
+            tgt_local: (B, T, Dl) database descriptors.
+            src_mask: optional (B, Q) bool, True at padded slots.
+            tgt_mask: optional (B, T) bool, True at padded slots.
+            return_logits: also return the final token states (B, 1 + Q + T, d), as the official code.
+        """
+        query = self.project_query(src_local, src_mask)
+        database = self.project_database(tgt_local, tgt_mask)
+        sim, states = self._decode(query, database, only_first=not return_logits)
+        return (sim, states) if return_logits else sim
+
+
+def _init_weights(m: nn.Module) -> None:
+    """The official initialisation: truncated normal (std 0.02) linear layers, unit LayerNorms, zero biases."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+    if isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
+# -- registry --------------------------------------------------------------------------------------------------
+
+AMES_OFFICIAL = CheckpointFormat(
+    "ames_official",
+    lambda obj: obj["state"],
+    description="torch.save({'state': model.state_dict(), ...}) as released by pavelsuma/ames",
+)
+
+_WEIGHTS = "http://ptak.felk.cvut.cz/personal/sumapave/public/ames/networks/{}.pt"
+_PAPER = "Suma et al., AMES: Asymmetric and Memory-Efficient Similarity Estimation, ECCV 2024"
+
+
+def _pretrained(name: str, descriptor: str) -> PretrainedCfg:
+    return PretrainedCfg(
+        url=_WEIGHTS.format(name),
+        sha256=None,  # the authors publish no digest and the file could not be fetched to compute one
+        checkpoint_format="ames_official",
+        descriptor=descriptor,
+        license="see github.com/pavelsuma/ames",
+        paper=_PAPER,
+        notes="Trained on GLDv2. The checkpoint may pickle training objects: if weights_only loading refuses "
+        "it, pass weights_only=False for this trusted file.",
+    )
+
+
+_DINOV2 = "DINOv2 ViT-B/14-reg local descriptors, 768-d (600 per query, 50 per database image)"
+_CVNET = "CVNet ResNet-101 res4 local descriptors, 1024-d, 3 scales (600 per query, 50 per database image)"
+
+
+@register_model(pretrained=_pretrained("dinov2_ames", _DINOV2), formats=[AMES_OFFICIAL])
+def dinov2_ames(**overrides: Any) -> AMES:
+    """AMES on DINOv2 local descriptors, full precision (ROxford M/H 92.7/83.7, RParis 95.2/90.6)."""
+    return AMES(**{"local_dim": 768, "fusion": AMES_FUSION["dinov2_ames"], **overrides})
+
+
+@register_model(pretrained=_pretrained("dinov2_ames_dist", _DINOV2 + ", binarized"), formats=[AMES_OFFICIAL])
+def dinov2_ames_dist(**overrides: Any) -> AMES:
+    """AMES on binarized DINOv2 local descriptors, 128 bits each (ROxford 91.1/82.2, RParis 95.2/90.2)."""
+    return AMES(
+        **{"local_dim": 768, "binarized": True, "fusion": AMES_FUSION["dinov2_ames_dist"], **overrides}
+    )
+
+
+@register_model(pretrained=_pretrained("cvnet_ames", _CVNET), formats=[AMES_OFFICIAL])
+def cvnet_ames(**overrides: Any) -> AMES:
+    """AMES on CVNet local descriptors, full precision (ROxford M/H 89.2/78.7, RParis 93.4/86.8)."""
+    return AMES(**{"local_dim": 1024, "fusion": AMES_FUSION["cvnet_ames"], **overrides})
+
+
+@register_model(pretrained=_pretrained("cvnet_ames_dist", _CVNET + ", binarized"), formats=[AMES_OFFICIAL])
+def cvnet_ames_dist(**overrides: Any) -> AMES:
+    """AMES on binarized CVNet local descriptors, 128 bits each (ROxford 88.8/77.5, RParis 93.2/86.3)."""
+    return AMES(
+        **{"local_dim": 1024, "binarized": True, "fusion": AMES_FUSION["cvnet_ames_dist"], **overrides}
+    )
