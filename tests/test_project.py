@@ -123,3 +123,54 @@ def test_ames_training_example_learns(tmp_path: Path) -> None:
     assert untrained < 0.6
     assert teacher > untrained + 0.15
     assert student > untrained + 0.15
+
+
+def test_ames_revisited_script_reads_the_official_data_layout(tmp_path: Path) -> None:
+    """The reproduction script on a toy dataset in the authors' layout: hdf5 files, nn and gnd pickles."""
+    import pickle
+
+    import h5py
+    import numpy as np
+    import torch
+
+    from objretrieval import create_model
+
+    folder = tmp_path / "data" / "toyoxford"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("query", 2), ("gallery", 6)):
+        rows = torch.randn(n, 8, 5 + 768, generator=g)
+        rows[:, :, 3] = 0.0
+        rows[:, 6:] = 0.0
+        rows[:, 6:, 3] = 1.0  # two padding rows per image
+        with h5py.File(folder / f"dinov2_{split}_local.hdf5", "w") as f:
+            f.create_dataset("features", data=rows.numpy())
+    gnd = [
+        {"easy": [0], "hard": [1], "junk": [2], "bbx": [0, 0, 9, 9]},
+        {"easy": [3], "hard": [4], "junk": []},
+    ]
+    with open(folder / "gnd_toyoxford.pkl", "wb") as f:
+        pickle.dump({"gnd": gnd, "imlist": [], "qimlist": []}, f)
+    ids = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 3, 4, 1, 2, 5]], dtype=torch.float32)
+    sims = torch.linspace(0.9, 0.4, 6).expand(2, 6)
+    with open(folder / "nn_superglobal.pkl", "wb") as f:
+        pickle.dump(torch.stack([sims, ids]), f)  # the official (2, Q, K) tensor, ids stored as floats
+    checkpoint = tmp_path / "dinov2_ames.pt"
+    torch.save({"state": create_model("dinov2_ames").state_dict()}, checkpoint)
+    common = ("examples/ames_revisited.py", "--data-root", str(tmp_path / "data"), "--dataset", "toyoxford")
+    common += ("--checkpoint", str(checkpoint), "--device", "cpu", "--top-k", "6")
+
+    # lamb = 1 keeps the global order: q0 is perfect; q1 has its positives 3, 4 at ranks 1, 2 (M: AP =
+    # ((0/1 + 1/2)/2 + (1/2 + 2/3)/2)/2) and, junk 3 ignored, its hard positive at rank 1 (H: AP = 1/4)
+    result = _run(*common, "--lamb", "1.0", "--temp", "1.0")
+    assert result.returncode == 0, result.stderr
+    medium = 100 * (1 + ((0 / 1 + 1 / 2) / 2 + (1 / 2 + 2 / 3) / 2) / 2) / 2
+    hard = 100 * (1 + 1 / 4) / 2
+    assert f"global shortlist: M {medium:.2f}, H {hard:.2f}" in result.stdout
+    assert f"best: k=6 lamb=1.0 temp=1.0: M {medium:.2f}, H {hard:.2f}" in result.stdout
+    assert "2 queries, 6 database images, shortlist of 6" in result.stdout
+
+    streamed = _run(*common, "--stream")  # the model's own (lamb, temp), descriptors read per candidate
+    assert streamed.returncode == 0, streamed.stderr
+    assert re.search(r"best: k=6 lamb=0.55 temp=0.3: M [\d.]+, H [\d.]+", streamed.stdout), streamed.stdout
+    assert np.isfinite(float(re.search(r"M ([\d.]+), H", streamed.stdout.splitlines()[-1])[1]))
