@@ -19,12 +19,11 @@ Run:  uv run examples/ames_rerank.py [--model dinov2_ames_dist] [--checkpoint di
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from scenes import draw_scene, photograph
 from tqdm.auto import tqdm
 
 from objretrieval import create_model, knn
@@ -35,43 +34,12 @@ from objretrieval.reranking import AMES_FUSION, AMESScorer, DatabaseCache, Short
 HEIGHT, WIDTH = 224, 294
 
 
-def draw_scene(generator: torch.Generator, shapes: int = 14) -> torch.Tensor:
-    """A (3, H, W) image in [0, 1]: a colour gradient with random rectangles, discs and stripes."""
-    ys = torch.linspace(0, 1, HEIGHT)[:, None].expand(HEIGHT, WIDTH)
-    xs = torch.linspace(0, 1, WIDTH)[None, :].expand(HEIGHT, WIDTH)
-    a, b = torch.rand(2, 3, 1, 1, generator=generator)
-    image = a * ys + b * (1 - xs)
-    for _ in range(shapes):
-        colour = torch.rand(3, 1, 1, generator=generator)
-        cy, cx, size, kind = torch.rand(4, generator=generator).tolist()
-        size = 0.05 + 0.2 * size
-        if kind < 0.4:
-            mask = ((ys - cy).abs() < size) & ((xs - cx).abs() < 1.5 * size)
-        elif kind < 0.8:
-            mask = (ys - cy) ** 2 + ((xs - cx) * WIDTH / HEIGHT) ** 2 < size**2
-        else:
-            mask = (torch.sin((xs + ys) * 60 * size) > 0) & ((ys - cy).abs() < size)
-        image = torch.where(mask, colour, image)
-    return image.clamp(0, 1)
-
-
-def photograph(scene: torch.Tensor, generator: torch.Generator, strength: float) -> torch.Tensor:
-    """A view of a scene: random rotation, zoom and shift (larger with ``strength``) and a brightness change."""
-    u = (torch.rand(5, generator=generator) * 2 - 1).tolist()
-    angle, zoom = 0.25 * strength * u[0], 1.0 + 0.35 * strength * u[1]
-    cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
-    theta = torch.tensor([[cos, -sin, 0.3 * strength * u[2]], [sin, cos, 0.3 * strength * u[3]]])
-    grid = F.affine_grid(theta[None], [1, 3, HEIGHT, WIDTH], align_corners=False)
-    view = F.grid_sample(scene[None], grid, padding_mode="reflection", align_corners=False)[0]
-    return (view * (1.0 + 0.2 * strength * u[4])).clamp(0, 1)
-
-
 def make_dataset(
     landmarks: int, distractors: int, seed: int
 ) -> tuple[list[torch.Tensor], list[tuple[int, int, int, int]], list[torch.Tensor], list[dict]]:
     """Query images with boxes, database images, and revisited-style ground truth (easy / hard / junk ids)."""
     g = torch.Generator().manual_seed(seed)
-    scenes = [draw_scene(g) for _ in range(landmarks)]
+    scenes = [draw_scene(g, HEIGHT, WIDTH) for _ in range(landmarks)]
     database: list[torch.Tensor] = []
     gnd = []
     for scene in scenes:
@@ -79,11 +47,11 @@ def make_dataset(
         for kind, strength in (("easy", 0.3), ("easy", 0.5), ("hard", 1.0), ("junk", 1.0)):
             view = photograph(scene, g, strength)
             if kind == "junk":  # most of the landmark hidden behind a distractor
-                view[:, :, : WIDTH * 3 // 4] = draw_scene(g)[:, :, : WIDTH * 3 // 4]
+                view[:, :, : WIDTH * 3 // 4] = draw_scene(g, HEIGHT, WIDTH)[:, :, : WIDTH * 3 // 4]
             ids[kind].append(len(database))
             database.append(view)
         gnd.append(ids)
-    database += [draw_scene(g) for _ in range(distractors)]
+    database += [draw_scene(g, HEIGHT, WIDTH) for _ in range(distractors)]
     queries = [photograph(scene, g, 0.2) for scene in scenes]
     boxes = [(20, 16, WIDTH - 20, HEIGHT - 16)] * landmarks  # x1, y1, x2, y2
     return queries, boxes, database, gnd

@@ -8,6 +8,8 @@ Top-level names cover the common path; the subpackages hold the rest:
 - :mod:`objretrieval.losses`, :mod:`objretrieval.miners`, :mod:`objretrieval.samplers`: training.
 - :mod:`objretrieval.descriptors`: local-descriptor extraction (DINOv2, CVNet), AMES's row layout, h5py stores.
 - :mod:`objretrieval.reranking`: global shortlist -> pairwise (AMES) rerank -> fused ranking and evaluation.
+- :mod:`objretrieval.data`: objects as folders of images (set selection, padding, multi-crop views).
+- :mod:`objretrieval.training`: step helpers for self-supervised training (MILE), schedules, EMA.
 """
 
 from objretrieval.metrics import RetrievalEvaluator, RetrievalResult

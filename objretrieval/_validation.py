@@ -117,3 +117,12 @@ def check_ranking(x: Any, name: str) -> Tensor:
     if t.ndim != 2:
         raise ValueError(f"{name} must be 2-D (num_queries, depth), got shape {tuple(t.shape)}")
     return t.to(device="cpu", dtype=torch.int64)
+
+
+def check_padding_mask(mask: Any, name: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """A bool padding mask (True at padded slots) of exactly ``shape``, moved to ``device``."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True at padding), got {_describe(mask)}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    return mask.to(device)

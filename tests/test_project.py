@@ -174,3 +174,21 @@ def test_ames_revisited_script_reads_the_official_data_layout(tmp_path: Path) ->
     assert streamed.returncode == 0, streamed.stderr
     assert re.search(r"best: k=6 lamb=0.55 temp=0.3: M [\d.]+, H [\d.]+", streamed.stdout), streamed.stdout
     assert np.isfinite(float(re.search(r"M ([\d.]+), H", streamed.stdout.splitlines()[-1])[1]))
+
+
+def test_mile_training_example_runs(tmp_path: Path) -> None:
+    """Folder-per-object data -> a few SSL steps -> set embeddings of query/target folders -> AR@10."""
+    out = tmp_path / "mile"
+    result = _run(
+        "examples/mile_train.py",
+        *("--steps", "6", "--train-objects", "8", "--test-objects", "12", "--out", str(out)),
+    )
+    assert result.returncode == 0, result.stderr
+    losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", result.stdout)]
+    assert losses and all(0 < v < 20 for v in losses), result.stdout
+    rows = _table(result.stdout, r"^(untrained|after SSL \(teacher\))\s+([\d.]+)$")
+    assert len(rows) == 2 and all(0.0 <= v[0] <= 100.0 for v in rows.values()), result.stdout
+    assert (out / "mile_teacher.pt").is_file()
+    assert sorted(p.name for p in (out / "data" / "query").iterdir()) == sorted(
+        p.name for p in (out / "data" / "target").iterdir()
+    )

@@ -7,12 +7,14 @@ value = loss(embeddings, labels, miner(embeddings, labels))   # with mined pairs
 ```
 
 Pairwise models (AMES) train on one logit per pair: :class:`PairBCELoss`, :class:`PairDistillationLoss`.
+Self-supervised set embeddings (MILE) train with :class:`DINOLoss`.
 """
 
 from objretrieval.losses.adversarial import AdversarialDecorrelationLoss, grad_reverse
 from objretrieval.losses.base import MetricLoss, PairBatch, ParametricLoss
 from objretrieval.losses.contextual import ContextualLoss, contextual_similarity, contextual_term
 from objretrieval.losses.contrastive import ContrastiveLoss, margin_contrastive, similarity_regularizer
+from objretrieval.losses.dino import DINOLoss, teacher_temperature_schedule
 from objretrieval.losses.margin import MarginLoss
 from objretrieval.losses.multi_similarity import MultiSimilarityLoss
 from objretrieval.losses.pairwise import PairBCELoss, PairDistillationLoss
@@ -24,6 +26,7 @@ __all__ = [
     "AdversarialDecorrelationLoss",
     "ContextualLoss",
     "ContrastiveLoss",
+    "DINOLoss",
     "MarginLoss",
     "MetricLoss",
     "MultiSimilarityLoss",
@@ -42,4 +45,5 @@ __all__ = [
     "margin_contrastive",
     "ranking_average_precision",
     "similarity_regularizer",
+    "teacher_temperature_schedule",
 ]

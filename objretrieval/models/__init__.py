@@ -5,7 +5,7 @@ find them through the registry.
 """
 
 # model families register their builders on import
-from objretrieval.models import ames, cvnet  # noqa: F401  (registers the builders)
+from objretrieval.models import ames, cvnet, mile  # noqa: F401  (registers the builders)
 from objretrieval.models.ames import AMES, AMES_FUSION
 from objretrieval.models.builder import create_model, hub_entrypoint
 from objretrieval.models.checkpoint import (
@@ -18,6 +18,8 @@ from objretrieval.models.checkpoint import (
     unwrap_state_dict,
 )
 from objretrieval.models.cvnet import CVNetBackbone
+from objretrieval.models.heads import DINOHead
+from objretrieval.models.mile import MILE, MILEAggregator, convert_official_mile
 from objretrieval.models.registry import (
     NATIVE_FORMAT,
     CheckpointFormat,
@@ -33,13 +35,17 @@ from objretrieval.models.registry import (
 __all__ = [
     "AMES",
     "AMES_FUSION",
+    "MILE",
     "NATIVE_FORMAT",
     "CVNetBackbone",
     "CheckpointFormat",
     "CheckpointMismatchError",
+    "DINOHead",
+    "MILEAggregator",
     "ModelEntry",
     "PretrainedCfg",
     "checkpoint_metadata",
+    "convert_official_mile",
     "create_model",
     "download_pretrained",
     "get_model_entry",

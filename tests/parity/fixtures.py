@@ -46,12 +46,17 @@ def method_fixtures(method: str) -> MethodFixtures:
     return MethodFixtures(method)
 
 
-def fixtures_of_kind(method: str, kind: str) -> list[str]:
-    """Names of a method's manifest fixtures with ``"kind": kind`` (none when the fixture root is absent)."""
+def fixtures_of_kind(method: str, kind: str, *, prefix: bool = False) -> list[str]:
+    """Names of a method's manifest fixtures whose ``kind`` is ``kind`` (or starts with it, with ``prefix``);
+    none when the fixture root is absent."""
     if not fixture_root().is_dir():
         return []
     fixtures = MethodFixtures(method).manifest["fixtures"]
-    return [name for name, spec in fixtures.items() if spec.get("kind") == kind]
+    return [
+        name
+        for name, spec in fixtures.items()
+        if spec.get("kind") == kind or (prefix and str(spec.get("kind", "")).startswith(kind))
+    ]
 
 
 _NUMBER = r"[0-9.]+(?:e-?[0-9]+)?"

@@ -1,0 +1,125 @@
+"""DINO's self-distillation loss (Caron et al., ICCV 2021), as MILE trains with it.
+
+The teacher's outputs for the global views, centred and sharpened with a temperature, are the targets of
+the student's outputs for every other view:
+
+    L = mean over (g in global views, v in all views, v != g) of
+        mean_b sum_k -softmax((t_g - center) / tau_t)_k * log_softmax(s_v / tau_s)_k
+
+and the centre follows the teacher's batch mean: ``center <- m * center + (1 - m) * mean(t)``, all-reduced
+across processes under ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def teacher_temperature_schedule(
+    warmup_teacher_temp: float, teacher_temp: float, warmup_epochs: int, epochs: int
+) -> np.ndarray:
+    """Per-epoch teacher temperature: linear warm-up over ``warmup_epochs``, then constant (float64)."""
+    if not 0 <= warmup_epochs <= epochs:
+        raise ValueError(f"warmup_epochs must be in [0, epochs={epochs}], got {warmup_epochs}")
+    return np.concatenate(
+        (
+            np.linspace(warmup_teacher_temp, teacher_temp, warmup_epochs),
+            np.ones(epochs - warmup_epochs) * teacher_temp,
+        )
+    )
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between centred, sharpened teacher outputs and student outputs of the other views.
+
+    Args:
+        out_dim: width K of the head outputs.
+        ncrops: views per object the student sees (2 global + local crops; 10 in MILE).
+        warmup_teacher_temp: first teacher temperature of the warm-up (0.04).
+        teacher_temp: teacher temperature after the warm-up (0.07; MILE uses no warm-up, so 0.07 throughout).
+        warmup_teacher_temp_epochs: epochs of the linear warm-up (0).
+        epochs: length of the per-epoch temperature schedule.
+        student_temp: 0.1.
+        center_momentum: 0.9.
+
+    Call: ``loss(student_output, teacher_output, epoch)`` with crop-major rows (row ``c * B + b`` is view c
+    of object b): student (ncrops * B, K) and teacher (n_global * B, K), where the teacher's views are the
+    student's first ``n_global``. Computed in float32 with autocast off. Updates :attr:`center` in training
+    mode (a fresh loss module starts from a zero centre).
+    """
+
+    center: Tensor
+
+    def __init__(
+        self,
+        out_dim: int,
+        ncrops: int = 10,
+        *,
+        warmup_teacher_temp: float = 0.04,
+        teacher_temp: float = 0.07,
+        warmup_teacher_temp_epochs: int = 0,
+        epochs: int = 100,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        if ncrops < 2:
+            raise ValueError(f"ncrops must be >= 2 (at least two views to compare), got {ncrops}")
+        self.out_dim, self.ncrops = out_dim, ncrops
+        self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.teacher_temp_schedule = teacher_temperature_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs
+        )
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def teacher_temperature(self, epoch: int) -> float:
+        if not 0 <= epoch < len(self.teacher_temp_schedule):
+            raise ValueError(f"epoch must be in [0, {len(self.teacher_temp_schedule)}), got {epoch}")
+        return float(self.teacher_temp_schedule[epoch])
+
+    def forward(self, student_output: Tensor, teacher_output: Tensor, epoch: int) -> Tensor:
+        s_rows, t_rows = student_output.shape[0], teacher_output.shape[0]
+        if student_output.ndim != 2 or student_output.shape[1] != self.out_dim:
+            raise ValueError(
+                f"student_output must be (ncrops * B, {self.out_dim}), got {tuple(student_output.shape)}"
+            )
+        if teacher_output.ndim != 2 or teacher_output.shape[1] != self.out_dim:
+            raise ValueError(
+                f"teacher_output must be (n_global * B, {self.out_dim}), got {tuple(teacher_output.shape)}"
+            )
+        if s_rows % self.ncrops or t_rows % (s_rows // self.ncrops or 1):
+            raise ValueError(
+                f"student_output has {s_rows} rows, not a multiple of ncrops={self.ncrops} whose batch size "
+                f"divides teacher_output's {t_rows} rows"
+            )
+        batch = s_rows // self.ncrops
+        n_global = t_rows // batch
+        if not 1 <= n_global <= self.ncrops:
+            raise ValueError(f"teacher_output has {n_global} views per object; expected 1..{self.ncrops}")
+        temp = self.teacher_temperature(epoch)
+        with torch.autocast(student_output.device.type, enabled=False):
+            teacher = teacher_output.detach().float()
+            targets = F.softmax((teacher - self.center) / temp, dim=-1).view(n_global, batch, -1)
+            log_probs = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
+            log_probs = log_probs.view(self.ncrops, batch, -1)
+            # cross[g, v] = mean_b sum_k -targets[g, b, k] * log_probs[v, b, k]
+            cross = -torch.einsum("gbk,vbk->gv", targets, log_probs) / batch
+            same_view = torch.eye(n_global, self.ncrops, dtype=torch.bool, device=cross.device)
+            loss = cross.masked_fill(same_view, 0.0).sum() / (n_global * self.ncrops - n_global)
+        if self.training:
+            self.update_center(teacher)
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: Tensor) -> None:
+        """EMA of the teacher's batch mean (all-reduced across processes)."""
+        total = teacher_output.float().sum(dim=0, keepdim=True)
+        count = teacher_output.shape[0]
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+            count *= dist.get_world_size()
+        self.center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
