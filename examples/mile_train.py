@@ -24,7 +24,7 @@ from scenes import draw_scene, photograph
 from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 
-from objretrieval import create_model, knn
+from objretrieval import RetrievalEvaluator, create_model
 from objretrieval.data import (
     DINOMultiCrop,
     ImageSetDataset,
@@ -35,7 +35,6 @@ from objretrieval.data import (
     set_eval_transform,
 )
 from objretrieval.losses import DINOLoss
-from objretrieval.metrics import average_recall_at_k
 from objretrieval.models import MILE
 from objretrieval.training import DINOSchedules, MILESelfSupervised
 
@@ -65,10 +64,8 @@ def set_embeddings(model: MILE, dataset: ImageSetDataset) -> tuple[torch.Tensor,
 
 
 def average_recall(model: MILE, query: ImageSetDataset, target: ImageSetDataset, k: int = 10) -> float:
-    q, ql = set_embeddings(model, query)
-    t, tl = set_embeddings(model, target)
-    scores, indices = knn(q, t, k=min(k, len(t)), metric="ip")  # MILE ranks by raw inner product
-    return 100 * average_recall_at_k(scores, indices, ql, tl).mean
+    evaluator = RetrievalEvaluator([f"ar@{k}"], metric="ip")  # MILE ranks by raw inner product
+    return 100 * evaluator(*set_embeddings(model, query), *set_embeddings(model, target))[f"ar@{k}"]
 
 
 def main() -> None:

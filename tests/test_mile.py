@@ -108,14 +108,16 @@ def official_state(model: MILE) -> dict[str, torch.Tensor]:
     """Our state dict written back in the official key layout (a DINOv2 ViT wrapped by PEFT)."""
     prefix = "backbone.backbone.base_model.model."
     state = model.state_dict()
+    pos = state["backbone.pos_embed"]
+    class_pos = torch.full_like(pos[:, :1], 0.25)  # DINOv2 keeps it in pos_embed; timm folds it into cls
     out: dict[str, torch.Tensor] = {"dual_gate_alpha": torch.tensor(0.0)}
     for key, value in state.items():
         if key.startswith("backbone."):
             k = key[len("backbone.") :]
             if k == "pos_embed":
-                continue
-            if k == "cls_token":
-                value = value - torch.zeros_like(value)
+                value = torch.cat([class_pos, value], dim=1)
+            elif k == "cls_token":
+                value = value - class_pos
             out[prefix + k.replace("reg_token", "register_tokens")] = value
         elif key == "aggregator.gate_alpha":
             out["gate_alpha"] = value
@@ -127,8 +129,6 @@ def official_state(model: MILE) -> dict[str, torch.Tensor]:
                 "final_projection."
                 + k[len("head.") :].replace("parametrizations.weight.original1", "weight_v")
             ] = value
-    pos = state["backbone.pos_embed"]
-    out[prefix + "pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
     out[prefix + "mask_token"] = torch.zeros(1, pos.shape[-1])
     return out
 

@@ -91,12 +91,12 @@ class DINOLoss(nn.Module):
             raise ValueError(
                 f"teacher_output must be (n_global * B, {self.out_dim}), got {tuple(teacher_output.shape)}"
             )
-        if s_rows % self.ncrops or t_rows % (s_rows // self.ncrops or 1):
+        batch = s_rows // self.ncrops
+        if batch == 0 or s_rows % self.ncrops or t_rows % batch:
             raise ValueError(
                 f"student_output has {s_rows} rows, not a multiple of ncrops={self.ncrops} whose batch size "
                 f"divides teacher_output's {t_rows} rows"
             )
-        batch = s_rows // self.ncrops
         n_global = t_rows // batch
         if not 1 <= n_global <= self.ncrops:
             raise ValueError(f"teacher_output has {n_global} views per object; expected 1..{self.ncrops}")

@@ -233,10 +233,6 @@ class MILE(nn.Module):
             if head_dim
             else None
         )
-        cfg = getattr(backbone, "pretrained_cfg", None) or {}
-        self.patch_size = int(backbone.patch_embed.patch_size[0])  # type: ignore[union-attr,index]
-        self.mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
-        self.std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
 
     def merge_lora(self, merge: bool = True) -> MILE:
         """Fold the LoRA update into the qkv weights (``W + (alpha / r) B A``) for faster inference, or undo
@@ -260,6 +256,26 @@ class MILE(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         return self.backbone.forward_features(images)[:, 0]
+
+    def encode_sets(self, images: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Per-image embeddings of sets: (B, N, ..., 3, H, W) -> (B, N, ..., D), e.g. (B, N, crops, 3, H, W).
+
+        Images of the sets padded by ``mask`` ((B, N) bool, True at padding) never reach the backbone; their
+        embeddings are zero.
+        """
+        if images.ndim < 5 or images.shape[-3] != 3:
+            raise ValueError(f"images must be (B, N, ..., 3, H, W), got {tuple(images.shape)}")
+        if mask is None:
+            kept = images
+        else:
+            mask = check_padding_mask(mask, "mask", tuple(images.shape[:2]), images.device)
+            kept = images[~mask]
+        encoded = self.encode_images(kept.flatten(0, -4)).view(*kept.shape[:-3], -1)
+        if mask is None:
+            return encoded
+        features = encoded.new_zeros(*images.shape[:-3], encoded.shape[-1])
+        features[~mask] = encoded
+        return features
 
     def aggregate(
         self, features: Tensor, mask: Tensor | None = None, *, return_steps: bool = False
@@ -310,16 +326,7 @@ class MILE(nn.Module):
         """
         if images.ndim != 5 or images.shape[2] != 3:
             raise ValueError(f"images must be (B, N, 3, H, W), got {tuple(images.shape)}")
-        b, n = images.shape[:2]
-        if mask is None:
-            features = self.encode_images(images.flatten(0, 1)).view(b, n, -1)
-        else:
-            mask = check_padding_mask(mask, "mask", (b, n), images.device)
-            valid = ~mask
-            encoded = self.encode_images(images[valid])
-            features = encoded.new_zeros(b, n, encoded.shape[-1])
-            features[valid] = encoded
-        return self.aggregator(features, mask, return_steps=return_steps)
+        return self.aggregator(self.encode_sets(images, mask), mask, return_steps=return_steps)
 
 
 # -- official checkpoints --------------------------------------------------------------------------------------

@@ -130,17 +130,8 @@ class MILESelfSupervised(nn.Module):
     def _views(model: MILE, crops: list[Tensor], mask: Tensor | None, mixing: bool) -> tuple[Tensor, Tensor]:
         """Set latents and head outputs of every crop index, crop-major: (C * B, D), (C * B, K)."""
         b, k = crops[0].shape[:2]
-        keep = None if mask is None else ~mask
-        per_crop = []
-        for group in crops:  # one resolution per group: (B, K, c, 3, h, w)
-            images = group if keep is None else group[keep]
-            e = model.encode_images(images.flatten(0, -4)).view(*images.shape[:-3], -1)
-            if keep is not None:
-                full = e.new_zeros(b, k, *e.shape[1:])
-                full[keep] = e
-                e = full
-            per_crop.append(e)
-        features = torch.cat(per_crop, dim=2)  # (B, K, C, D)
+        # one backbone call per resolution: (B, K, c, 3, h, w) -> (B, K, c, D)
+        features = torch.cat([model.encode_sets(group, mask) for group in crops], dim=2)  # (B, K, C, D)
         c = features.shape[2]
         sets = features.permute(2, 0, 1, 3).reshape(c * b, k, -1)
         set_mask = None if mask is None else mask.expand(c, b, k).reshape(c * b, k)

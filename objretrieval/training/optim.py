@@ -45,13 +45,12 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """``teacher <- momentum * teacher + (1 - momentum) * student`` for the student's trainable parameters,
     matched by name (the frozen ones are equal by construction and left alone)."""
     teacher_params = dict(teacher.named_parameters())
-    names = [n for n, p in student.named_parameters() if p.requires_grad]
-    missing = [n for n in names if n not in teacher_params]
+    trained = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    missing = [n for n, _ in trained if n not in teacher_params]
     if missing:
         raise ValueError(f"teacher has no parameters named {missing[:5]} (student and teacher must match)")
-    student_params = dict(student.named_parameters())
-    t: list[Tensor] = [teacher_params[n] for n in names]
-    s: list[Tensor] = [student_params[n] for n in names]
+    t: list[Tensor] = [teacher_params[n] for n, _ in trained]
+    s: list[Tensor] = [p for _, p in trained]
     if t:
         torch._foreach_mul_(t, momentum)
         torch._foreach_add_(t, s, alpha=1 - momentum)

@@ -75,6 +75,22 @@ def build_from_config(config: dict[str, Any], state_dict: dict[str, torch.Tensor
     return model
 
 
+DINO_LOSS_OPTIONS = (
+    "warmup_teacher_temp",
+    "teacher_temp",
+    "warmup_teacher_temp_epochs",
+    "student_temp",
+    "center_momentum",
+)
+
+
+def dino_loss(out_dim: int, ncrops: int, config: dict[str, Any], *, epochs: int) -> DINOLoss:
+    """The DINO loss with every option the manifest section gives (the official defaults for the rest)."""
+    return DINOLoss(
+        out_dim, ncrops, epochs=epochs, **{k: config[k] for k in DINO_LOSS_OPTIONS if k in config}
+    )
+
+
 @pytest.mark.parametrize("name", fixtures_of_kind("mile", "model_forward", prefix=True))
 def test_inference_model(mile: MethodFixtures, name: str) -> None:
     """Per-image CLS tokens, per-step set latents (forward, incremental and cached paths), head outputs."""
@@ -124,15 +140,8 @@ def test_training_forward_and_loss(mile: MethodFixtures, name: str, compat: bool
     student = build_from_config(config, mile.tensors(files["student_state_dict"]))
     teacher = build_from_config(config, mile.tensors(files["teacher_state_dict"]))
     dino = config["dino_loss"]
-    loss = DINOLoss(
-        config["out_dim"],
-        config["ncrops"],
-        warmup_teacher_temp=dino["warmup_teacher_temp"],
-        teacher_temp=dino["teacher_temp"],
-        warmup_teacher_temp_epochs=dino["warmup_teacher_temp_epochs"],
-        epochs=max(1, dino["warmup_teacher_temp_epochs"]),
-        student_temp=dino["student_temp"],
-        center_momentum=dino["center_momentum"],
+    loss = dino_loss(
+        config["out_dim"], config["ncrops"], dino, epochs=max(1, dino["warmup_teacher_temp_epochs"])
     )
     ssl = MILESelfSupervised(student, loss, teacher=teacher, batch_mixing_compat=compat)
     ssl.eval()  # the fixture ran both models in eval mode (no LoRA dropout)
@@ -176,14 +185,7 @@ def test_dino_loss(mile: MethodFixtures, name: str) -> None:
     config = spec["config"]
     inputs = mile.tensors(spec["files"]["inputs"])
     expected = mile.tensors(spec["files"]["outputs"])
-    loss = DINOLoss(
-        config["out_dim"],
-        config["ncrops"],
-        warmup_teacher_temp=config["warmup_teacher_temp"],
-        teacher_temp=config["teacher_temp"],
-        warmup_teacher_temp_epochs=config["warmup_teacher_temp_epochs"],
-        epochs=config["epochs"],
-    )
+    loss = dino_loss(config["out_dim"], config["ncrops"], config, epochs=config["epochs"])
     actual = {"teacher_temp_schedule": torch.from_numpy(loss.teacher_temp_schedule)}
     for call in (1, 2):
         actual[f"loss_call{call}"] = loss(
