@@ -192,3 +192,15 @@ def test_mile_training_example_runs(tmp_path: Path) -> None:
     assert sorted(p.name for p in (out / "data" / "query").iterdir()) == sorted(
         p.name for p in (out / "data" / "target").iterdir()
     )
+
+
+def test_avsl_training_example_runs(tmp_path: Path) -> None:
+    """A few epochs of AVSL on the digits beat the untrained network under the pairwise evaluation."""
+    picture = tmp_path / "why.png"
+    result = _run("examples/avsl_train.py", "--epochs", "3", "--out", str(picture))
+    assert result.returncode == 0, result.stderr
+    rows = _table(result.stdout, r"^(untrained|trained|trained, shortlist 200)\s+([\d.\s]+)$")
+    assert len(rows) == 3, result.stdout
+    assert rows["trained"][0] > rows["untrained"][0]  # Recall@1
+    assert abs(rows["trained, shortlist 200"][0] - rows["trained"][0]) < 5.0
+    assert picture.is_file() and picture.stat().st_size > 20_000

@@ -7,10 +7,19 @@ value = loss(embeddings, labels, miner(embeddings, labels))   # with mined pairs
 ```
 
 Pairwise models (AMES) train on one logit per pair: :class:`PairBCELoss`, :class:`PairDistillationLoss`.
-Self-supervised set embeddings (MILE) train with :class:`DINOLoss`.
+Self-supervised set embeddings (MILE) train with :class:`DINOLoss`. AVSL's per-level losses on its
+pairwise distances: :class:`AVSLProxyAnchorLoss`, :class:`AVSLMarginLoss`.
 """
 
 from objretrieval.losses.adversarial import AdversarialDecorrelationLoss, grad_reverse
+from objretrieval.losses.avsl import (
+    AVSL_LEVEL_WEIGHTS,
+    AVSLLossOutput,
+    AVSLMarginLoss,
+    AVSLPairwiseProxyAnchorLoss,
+    AVSLProxyAnchorLoss,
+    proxy_anchor_distance_loss,
+)
 from objretrieval.losses.base import MetricLoss, PairBatch, ParametricLoss
 from objretrieval.losses.contextual import ContextualLoss, contextual_similarity, contextual_term
 from objretrieval.losses.contrastive import ContrastiveLoss, margin_contrastive, similarity_regularizer
@@ -23,6 +32,11 @@ from objretrieval.losses.ranking_ap import ROADMAPLoss, SmoothAPLoss, ranking_av
 from objretrieval.losses.triplet import TripletMarginLoss
 
 __all__ = [
+    "AVSL_LEVEL_WEIGHTS",
+    "AVSLLossOutput",
+    "AVSLMarginLoss",
+    "AVSLPairwiseProxyAnchorLoss",
+    "AVSLProxyAnchorLoss",
     "AdversarialDecorrelationLoss",
     "ContextualLoss",
     "ContrastiveLoss",
@@ -43,6 +57,7 @@ __all__ = [
     "contextual_term",
     "grad_reverse",
     "margin_contrastive",
+    "proxy_anchor_distance_loss",
     "ranking_average_precision",
     "similarity_regularizer",
     "teacher_temperature_schedule",

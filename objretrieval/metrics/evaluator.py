@@ -17,6 +17,7 @@ from objretrieval.metrics.ranks import RelevantRanks, count_relevant, ranks_exha
 from objretrieval.metrics.retrieval import NoRelevantPolicy, reduce_queries
 from objretrieval.metrics.set_retrieval import average_recall_at_k
 from objretrieval.search import METRICS, Metric, knn
+from objretrieval.search.pairwise import PairwiseScorer, pairwise_knn
 from objretrieval.search.sources import BlockSource, GalleryLike
 
 _NAME = re.compile(
@@ -222,6 +223,71 @@ class RetrievalEvaluator:
         s = None if scores is None else to_tensor(scores, "scores")
         return self._finish(ranks, s, r, ql, gl, num_relevant, None)
 
+    def from_scorer(
+        self,
+        scorer: PairwiseScorer,
+        query_labels: Any,
+        gallery_labels: Any = None,
+        *,
+        candidates: Tensor | None = None,
+        query_block_size: int = 32,
+        gallery_block_size: int = 32,
+    ) -> RetrievalResult:
+        """Evaluate a pairwise scorer (e.g. :class:`~objretrieval.models.AVSLScorer`), streamed in blocks.
+
+        The ranking comes from :func:`~objretrieval.search.pairwise_knn` to the depth the metrics need, so
+        memory is O(Q x depth) plus one block (``map`` ranks the whole gallery: O(Q x N)). Clustering metrics
+        need embeddings and are refused.
+
+        Args:
+            scorer: scores queries against gallery items, higher is better.
+            query_labels: (Q,) integer labels.
+            gallery_labels: (N,) labels, or None when the gallery is the query set (leave-one-out, self
+                excluded).
+            candidates: optional (Q, S) shortlist of gallery ids to rescore instead of ranking the whole gallery
+                (:func:`~objretrieval.search.pairwise_knn`); metrics then see only the shortlist.
+            query_block_size: queries per block of the exhaustive walk.
+            gallery_block_size: gallery items per block.
+        """
+        if any(m.name in _CLUSTERING for m in self.metrics):
+            raise ValueError("nmi, nmi_geometric and f1 cluster embeddings: a pairwise scorer has none")
+        ql = check_labels(query_labels, "query_labels", scorer.num_queries, "scorer queries")
+        leave_one_out = gallery_labels is None
+        if leave_one_out:
+            if scorer.num_gallery != scorer.num_queries:
+                raise ValueError(
+                    f"gallery_labels is required: the scorer's gallery has {scorer.num_gallery} items "
+                    f"and its queries {scorer.num_queries}"
+                )
+            gl, exclude = ql, torch.arange(ql.shape[0])
+        else:
+            gl, exclude = (
+                check_labels(gallery_labels, "gallery_labels", scorer.num_gallery, "scorer gallery"),
+                None,
+            )
+        num_relevant = count_relevant(ql, gl, exclude)
+        available = scorer.num_gallery - int(leave_one_out)
+        if any(m.name == "map" for m in self.metrics):
+            depth = available
+        else:
+            depth = self._knn_depth(num_relevant, exhaustive=False)
+        if candidates is None:
+            depth = min(depth, available)
+        found = pairwise_knn(
+            scorer,
+            depth,
+            exclude_self=leave_one_out,
+            candidates=candidates,
+            query_block_size=query_block_size,
+            gallery_block_size=gallery_block_size,
+            progress=self.progress,
+        )
+        scores, indices = found.scores.cpu(), found.indices.cpu()
+        ranks = ranks_from_ranking(indices, ql, gl, num_relevant)
+        if candidates is None and depth == available:
+            ranks = RelevantRanks(ranks.ranks, ranks.num_relevant, None)  # the whole gallery was ranked
+        return self._finish(ranks, scores, indices, ql, gl, num_relevant, None, higher_is_better=True)
+
     def _gallery_labels(
         self, ql: Tensor, source: BlockSource | None, gallery_labels: Any
     ) -> tuple[Tensor, Tensor | None]:
@@ -259,6 +325,7 @@ class RetrievalEvaluator:
         gl: Tensor,
         num_relevant: Tensor,
         clustering: tuple[Tensor, Tensor] | None,
+        higher_is_better: bool | None = None,
     ) -> RetrievalResult:
         values: dict[str, float] = {}
         per_query: dict[str, Tensor] = {}
@@ -276,7 +343,11 @@ class RetrievalEvaluator:
                     raise ValueError(f"{m.name} needs rankings at least {m.k} deep, got {indices.shape[1]}")
                 s = None if scores is None else scores[:, : m.k]
                 values[m.name] = average_recall_at_k(
-                    s, indices[:, : m.k], ql, gl, higher_is_better=self.metric != "l2"
+                    s,
+                    indices[:, : m.k],
+                    ql,
+                    gl,
+                    higher_is_better=self.metric != "l2" if higher_is_better is None else higher_is_better,
                 ).mean
             else:
                 assert ranks is not None

@@ -5,8 +5,18 @@ find them through the registry.
 """
 
 # model families register their builders on import
-from objretrieval.models import ames, cvnet, mile  # noqa: F401  (registers the builders)
+from objretrieval.models import ames, avsl, cvnet, mile  # noqa: F401  (registers the builders)
 from objretrieval.models.ames import AMES, AMES_FUSION
+from objretrieval.models.avsl import (
+    AVSL,
+    AttributableSimilarity,
+    AVSLEmbedder,
+    AVSLExplanation,
+    AVSLFeatures,
+    AVSLScorer,
+    convert_official_avsl,
+    read_official_avsl,
+)
 from objretrieval.models.builder import create_model, hub_entrypoint
 from objretrieval.models.checkpoint import (
     CheckpointMismatchError,
@@ -31,12 +41,19 @@ from objretrieval.models.registry import (
     register_model,
     unregister_model,
 )
+from objretrieval.models.resnet import ResNetTrunk
 
 __all__ = [
     "AMES",
     "AMES_FUSION",
+    "AVSL",
     "MILE",
     "NATIVE_FORMAT",
+    "AVSLEmbedder",
+    "AVSLExplanation",
+    "AVSLFeatures",
+    "AVSLScorer",
+    "AttributableSimilarity",
     "CVNetBackbone",
     "CheckpointFormat",
     "CheckpointMismatchError",
@@ -44,7 +61,9 @@ __all__ = [
     "MILEAggregator",
     "ModelEntry",
     "PretrainedCfg",
+    "ResNetTrunk",
     "checkpoint_metadata",
+    "convert_official_avsl",
     "convert_official_mile",
     "create_model",
     "download_pretrained",
@@ -54,6 +73,7 @@ __all__ = [
     "list_pretrained",
     "load_state_dict_into",
     "read_checkpoint",
+    "read_official_avsl",
     "register_model",
     "save_checkpoint",
     "unregister_model",
