@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import torch
 import torch.nn.functional as F
-from digits import load, random_views
+from digits import random_views, zero_shot_split
 from tqdm.auto import tqdm
 
 from objretrieval import RetrievalEvaluator, create_model
@@ -64,9 +64,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
 
-    train_images, train_labels = load(seen=True)
-    test_images, test_labels = load(seen=False)
-    test_views = random_views(test_images, torch.Generator().manual_seed(1000 + args.seed))
+    train_images, train_labels, test_views, test_labels = zero_shot_split(args.seed)
 
     # the trunk starts from scratch here, so BatchNorm trains (AVSL freezes it on an ImageNet trunk)
     model = create_model("avsl_resnet10", freeze_bn=False)

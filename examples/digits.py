@@ -25,6 +25,17 @@ def load(seen: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return F.interpolate(images[keep], size=SIZE, mode="bilinear", align_corners=False), labels[keep]
 
 
+def zero_shot_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(train images, train labels, test views, test labels)``: digits 0-4 as they are, 5-9 as random views.
+
+    The test views depend only on ``seed`` (drawn from their own generator, seeded ``1000 + seed``).
+    """
+    train_images, train_labels = load(seen=True)
+    test_images, test_labels = load(seen=False)
+    test_views = random_views(test_images, torch.Generator().manual_seed(1000 + seed))
+    return train_images, train_labels, test_views, test_labels
+
+
 def random_views(
     images: torch.Tensor,
     generator: torch.Generator,

@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
-from digits import load, random_views
+from digits import random_views, zero_shot_split
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -106,9 +106,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
 
-    train_images, train_labels = load(seen=True)
-    test_images, test_labels = load(seen=False)
-    test_views = random_views(test_images, torch.Generator().manual_seed(1000 + args.seed))
+    train_images, train_labels, test_views, test_labels = zero_shot_split(args.seed)
 
     model = Embedder()
     before = evaluate(model, test_views, test_labels)

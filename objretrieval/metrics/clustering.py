@@ -27,6 +27,7 @@ def kmeans(
     seed: int = 1234,
     min_points_per_centroid: int = 1,
     max_points_per_centroid: int = 1_000_000_000,
+    nredo: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Lloyd's k-means with faiss, configured as MIC's evaluation (and by default every DML paper's NMI).
 
@@ -37,6 +38,7 @@ def kmeans(
         seed: faiss's random seed (its default).
         min_points_per_centroid: below this faiss warns; 1 silences it as MIC does.
         max_points_per_centroid: above this faiss subsamples; the default trains on every point.
+        nredo: independent runs (different initialisations); the one with the lowest objective is kept.
 
     Returns:
         ``(assignment, centroids)``: (N,) int64 nearest-centroid index and (num_clusters, D) float32.
@@ -54,6 +56,7 @@ def kmeans(
     clustering.seed = seed
     clustering.min_points_per_centroid = min_points_per_centroid
     clustering.max_points_per_centroid = max_points_per_centroid
+    clustering.nredo = check_positive_int(nredo, "nredo")
     clustering.train(data, faiss.IndexFlatL2(dim))
     centroids = faiss.vector_float_to_array(clustering.centroids).reshape(num_clusters, dim)
     index = faiss.IndexFlatL2(dim)

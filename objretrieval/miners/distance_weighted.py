@@ -85,7 +85,10 @@ def sample_rows(weights: Tensor, k: int, generator: torch.Generator | None = Non
     every row needs a positive total.
     """
     cdf = weights.cumsum(dim=1)
-    u = torch.rand(weights.shape[0], k, generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    # draw where the generator lives (a CPU generator may drive a CUDA batch), then move to the weights
+    device = generator.device if generator is not None else cdf.device
+    u = torch.rand(weights.shape[0], k, generator=generator, dtype=cdf.dtype, device=device).to(cdf.device)
+    u = u * cdf[:, -1:]
     drawn = torch.searchsorted(cdf, u, right=True)  # first column whose cumulative weight exceeds u
     # u * total can round up to the total itself; fall back to the row's last drawable column
     last = weights.shape[1] - 1 - (weights > 0).flip(1).to(torch.int8).argmax(dim=1, keepdim=True)

@@ -5,7 +5,7 @@ find them through the registry.
 """
 
 # model families register their builders on import
-from objretrieval.models import ames, avsl, cvnet, mile  # noqa: F401  (registers the builders)
+from objretrieval.models import ames, avsl, cvnet, mic, mile  # noqa: F401  (registers the builders)
 from objretrieval.models.ames import AMES, AMES_FUSION
 from objretrieval.models.avsl import (
     AVSL,
@@ -29,6 +29,7 @@ from objretrieval.models.checkpoint import (
 )
 from objretrieval.models.cvnet import CVNetBackbone
 from objretrieval.models.heads import DINOHead
+from objretrieval.models.mic import MIC, MICOutput, convert_official_mic
 from objretrieval.models.mile import MILE, MILEAggregator, convert_official_mile
 from objretrieval.models.registry import (
     NATIVE_FORMAT,
@@ -47,6 +48,7 @@ __all__ = [
     "AMES",
     "AMES_FUSION",
     "AVSL",
+    "MIC",
     "MILE",
     "NATIVE_FORMAT",
     "AVSLEmbedder",
@@ -58,12 +60,14 @@ __all__ = [
     "CheckpointFormat",
     "CheckpointMismatchError",
     "DINOHead",
+    "MICOutput",
     "MILEAggregator",
     "ModelEntry",
     "PretrainedCfg",
     "ResNetTrunk",
     "checkpoint_metadata",
     "convert_official_avsl",
+    "convert_official_mic",
     "convert_official_mile",
     "create_model",
     "download_pretrained",

@@ -32,7 +32,12 @@ from torch import Tensor, nn
 
 from objretrieval.models.checkpoint import unwrap_state_dict
 from objretrieval.models.registry import CheckpointFormat, PretrainedCfg, register_model
-from objretrieval.models.resnet import ResNetTrunk, resnet_trunk_from_torchvision_keys
+from objretrieval.models.resnet import (
+    IMAGENET_INPUT,
+    ResNetTrunk,
+    resnet_trunk_from_torchvision_keys,
+    trunk_from_overrides,
+)
 
 #: ResNet stages AVSL reads, low to high.
 AVSL_STAGES = ("layer2", "layer3", "layer4")
@@ -720,20 +725,13 @@ AVSL_OFFICIAL = CheckpointFormat(
 _PAPER = "Zhang et al., Attributable Visual Similarity Learning, CVPR 2022"
 
 
-def _avsl(arch: str, weights: str | None, overrides: dict[str, Any]) -> AVSL:
-    trunk_args = {k: overrides.pop(k) for k in ("freeze_bn", "freeze_bn_affine") if k in overrides}
-    arch = overrides.pop("arch", arch)
-    weights = overrides.pop("weights", weights)
-    trunk = ResNetTrunk(arch, weights, **{"freeze_bn_affine": True, **trunk_args})
-    return AVSL(trunk, **overrides)
+def _avsl(arch: str, overrides: dict[str, Any]) -> AVSL:
+    return AVSL(trunk_from_overrides(arch, overrides, freeze_bn_affine=True), **overrides)
 
 
 @register_model(
     pretrained=PretrainedCfg(
-        input_size=(3, 224, 224),
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
-        interpolation="bilinear",
+        **IMAGENET_INPUT,
         descriptor="3 levels (ResNet50 layer2/3/4) x 512 nodes",
         paper=_PAPER,
         notes="The authors released no weights; load a run of the official code with read_official_avsl "
@@ -747,10 +745,10 @@ def avsl_resnet50(**overrides: Any) -> AVSL:
     ``weights="IMAGENET1K_V1"`` starts the trunk from torchvision's ImageNet weights (the paper's start);
     ``freeze_bn=False`` trains BatchNorm as the official SOP run does.
     """
-    return _avsl("resnet50", None, overrides)
+    return _avsl("resnet50", overrides)
 
 
 @register_model(formats=[AVSL_OFFICIAL])
 def avsl_resnet10(**overrides: Any) -> AVSL:
     """A tiny AVSL (BasicBlock ResNet with one block per stage, 128 nodes, top-32 links) for tests and demos."""
-    return _avsl("resnet10", None, {"embed_dim": 128, "topk": 32, **overrides})
+    return _avsl("resnet10", {"embed_dim": 128, "topk": 32, **overrides})

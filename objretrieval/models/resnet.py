@@ -18,6 +18,13 @@ from torch import Tensor, nn
 
 #: torchvision ResNets the trunk accepts, and "resnet10" (BasicBlock x [1, 1, 1, 1]), a tiny one for tests.
 ARCHITECTURES = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+#: Input metadata of a ResNet fine-tuned from torchvision's ImageNet weights (for :class:`PretrainedCfg`).
+IMAGENET_INPUT: dict[str, Any] = {
+    "input_size": (3, 224, 224),
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "interpolation": "bilinear",
+}
 #: Stage names in forward order.
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -139,3 +146,11 @@ def resnet_trunk_from_torchvision_keys(state: dict[str, Tensor], prefix: str) ->
             continue
         out[name] = value
     return out
+
+
+def trunk_from_overrides(arch: str, overrides: dict[str, Any], **defaults: Any) -> ResNetTrunk:
+    """Build the trunk of a model builder, taking ``arch``, ``weights``, ``freeze_bn`` and ``freeze_bn_affine``
+    out of the builder's keyword ``overrides`` (in place); ``defaults`` are the family's own trunk settings."""
+    settings: dict[str, Any] = dict(defaults)
+    settings.update({k: overrides.pop(k) for k in ("freeze_bn", "freeze_bn_affine") if k in overrides})
+    return ResNetTrunk(overrides.pop("arch", arch), overrides.pop("weights", None), **settings)

@@ -103,9 +103,12 @@ class MPerClassSampler(ChunkBatchSampler):
         super().__init__(seed, rank, world_size)
         self.batch_size, self.m = check_sizes(batch_size, m, "batch", divisor=1)
         self.classes_per_batch = self.batch_size // self.m
-        self.labels = as_label_array(labels, "labels")
         self.small_classes = small_classes
-        self.table = ClassTable.from_labels(self.labels, self.m, small_classes)
+        self._set_labels(labels)
+
+    def _set_labels(self, labels: Any) -> None:
+        self.labels = as_label_array(labels, "labels")
+        self.table = ClassTable.from_labels(self.labels, self.m, self.small_classes)
         if self.table.num_classes < self.classes_per_batch:
             raise ValueError(
                 f"labels has {self.table.num_classes} classes{self.table.describe_drop()}, but a batch "

@@ -62,6 +62,15 @@ def fixtures_of_kind(method: str, kind: str, *, prefix: bool = False) -> list[st
 _NUMBER = r"[0-9.]+(?:e-?[0-9]+)?"
 
 
+def random_state(listing: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
+    """Random tensors for a ``{key: [shape, dtype]}`` key listing (floats normal, integers zero)."""
+    out = {}
+    for key, (shape, dtype) in listing.items():
+        dt = getattr(torch, dtype)
+        out[key] = torch.randn(shape).to(dt) if dt.is_floating_point else torch.zeros(shape, dtype=dt)
+    return out
+
+
 def parse_tolerance(spec: Any) -> tuple[float, float]:
     """(rtol, atol) from a manifest tolerance: a dict, or prose such as 'exact (abs 1e-12)' / 'atol 1e-6'."""
     if isinstance(spec, dict):

@@ -17,7 +17,7 @@ from objretrieval import create_model
 from objretrieval.losses import AVSLPairwiseProxyAnchorLoss, AVSLProxyAnchorLoss
 from objretrieval.models import AVSL, AVSLScorer, convert_official_avsl, load_state_dict_into
 from objretrieval.models.avsl import topk_mask
-from tests.parity.fixtures import MethodFixtures, assert_close, method_fixtures, parse_tolerance
+from tests.parity.fixtures import MethodFixtures, assert_close, method_fixtures, parse_tolerance, random_state
 
 FILE = "avsl_forward.safetensors"
 
@@ -239,14 +239,6 @@ def test_topk_mask(avsl: MethodFixtures) -> None:
     assert torch.equal(topk_mask(t["topk_mask.input"], k, dim=dim), t[name].bool())
 
 
-def _random_state(listing: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, (shape, dtype) in listing.items():
-        dt = getattr(torch, dtype)
-        out[key] = torch.randn(shape).to(dt) if dt.is_floating_point else torch.zeros(shape, dtype=dt)
-    return out
-
-
 def test_default_checkpoint_layout_loads_strictly(avsl: MethodFixtures) -> None:
     """The official default files (ResNet50 trunk, 512-d embedder, collectors for each dataset) load strictly."""
     (listing_file,) = sorted(Path(avsl.dir).glob("*state_dict_keys*.json"))
@@ -258,9 +250,9 @@ def test_default_checkpoint_layout_loads_strictly(avsl: MethodFixtures) -> None:
     embed_dim = embedder["conv1x1_0.weight"][0][0]
     for collector in collectors:
         state = {
-            "trunk": _random_state(trunk),
-            "embedder": _random_state(embedder),
-            "collector": _random_state(collector),
+            "trunk": random_state(trunk),
+            "embedder": random_state(embedder),
+            "collector": random_state(collector),
         }
         model = create_model("avsl_resnet50", checkpoint=state, embed_dim=embed_dim)
         assert isinstance(model, AVSL)

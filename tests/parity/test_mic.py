@@ -1,19 +1,24 @@
-"""Parity with the official MIC code (Roth et al., ICCV 2019): evaluation, margin loss, sampling, adversarial loss.
+"""Parity with the official MIC code (Roth et al., ICCV 2019): evaluation, losses, sampling, checkpoint layout.
 
 Tensor names, configuration and tolerances come from the fixture manifest.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import faiss
 import pytest
 import torch
 from scipy.stats import chi2
 
+from objretrieval import create_model
 from objretrieval.losses import AdversarialDecorrelationLoss, MarginLoss
 from objretrieval.metrics import RetrievalEvaluator, kmeans, normalized_mutual_info, pairwise_f1
 from objretrieval.miners import DistanceWeightedMiner, MinedTriplets
-from tests.parity.fixtures import MethodFixtures, assert_close, method_fixtures, parse_tolerance
+from objretrieval.models import MIC
+from objretrieval.training import MICTraining
+from tests.parity.fixtures import MethodFixtures, assert_close, method_fixtures, parse_tolerance, random_state
 
 EVAL_FILE = "eval_metrics.safetensors"
 # (tensor-name prefix, protocol): the single-set protocol and the query/gallery (In-Shop) one.
@@ -191,3 +196,34 @@ def test_adversarial_loss(mic: MethodFixtures) -> None:
     assert_close(s.grad, t["grad_aux_features"], tolerance, "reversed gradient of the shared features")
     for name, param in loss.named_parameters():
         assert_close(param.grad, t[f"grad_param.{name}"], tolerance, f"gradient of {name}")
+
+
+def test_default_checkpoint_layout_loads_strictly(mic: MethodFixtures) -> None:
+    """The official default state dict (with its layer_blocks.* aliases) and the loss modules load strictly."""
+    (listing_file,) = sorted(Path(mic.dir).glob("*state_dict_keys*.json"))
+    listing = mic.json(listing_file.name)
+    network = next(v for k, v in listing.items() if k.startswith("network"))
+    criteria = next(v for k, v in listing.items() if k.startswith("criterion"))
+    state = random_state(network)
+    for key in state:  # the aliases are the very tensors of model.layer1..4
+        if key.startswith("layer_blocks."):
+            _, block, rest = key.split(".", 2)
+            state[key] = state[f"model.layer{int(block) + 1}.{rest}"]
+    class_dim, shared_dim = (network[f"model.last_linear.{t}.weight"][0][0] for t in ("Class", "Shared"))
+    model = create_model(
+        "mic_resnet50", checkpoint={"state_dict": state}, class_dim=class_dim, shared_dim=shared_dim
+    )
+    assert isinstance(model, MIC)
+    assert torch.equal(model.class_head.weight, state["model.last_linear.Class.weight"])
+    assert torch.equal(model.shared_head.bias, state["model.last_linear.Shared.bias"])
+    assert torch.equal(model.trunk.layer4[2].conv3.weight, state["model.layer4.2.conv3.weight"])
+    assert torch.equal(model.trunk.bn1.running_var, state["model.bn1.running_var"])
+
+    criteria_state = random_state(criteria)
+    num_classes, num_clusters = (criteria[f"{t}.beta"][0][0] for t in ("Class", "Shared"))
+    projection_dim = next(s[0][0] for k, s in criteria.items() if k.endswith("regressor.0.weight"))
+    training = MICTraining(model, num_classes, num_clusters, projection_dim=projection_dim)
+    training.load_official_criteria(criteria_state)
+    assert torch.equal(training.shared_loss.beta, criteria_state["Shared.beta"])
+    regressor = next(k for k in criteria_state if k.endswith("regressor.2.weight"))
+    assert torch.equal(training.adversarial.regressor[2].weight, criteria_state[regressor])
