@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,27 @@ def test_official_checkpoint_file_with_arguments_and_log(tmp_path: Path) -> None
     loaded = create_model("mic_resnet10", checkpoint=path)
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_official_checkpoint_pickled_under_numpy_1(tmp_path: Path) -> None:
+    """The official runs pickled their metric log with numpy 1, whose scalars live in ``numpy.core``."""
+    source = _tiny()
+    buffer = io.BytesIO()
+    progress = {"val": {"Recall @ 1": [np.float64(0.61)]}}
+    checkpoint = {
+        "state_dict": _official_state(source),
+        "opt": argparse.Namespace(lr=1e-5),
+        "progress": progress,
+    }
+    torch.save(checkpoint, buffer, _use_new_zipfile_serialization=False)  # protocol-2 pickle: names as text
+    data = buffer.getvalue()
+    if b"numpy._core.multiarray" in data:  # written by numpy 2: rename as numpy 1 wrote it
+        data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert b"numpy.core.multiarray" in data
+    path = tmp_path / "checkpoint_Class.pth.tar"
+    path.write_bytes(data)
+    loaded = create_model("mic_resnet10", checkpoint=path)
+    assert torch.equal(loaded.class_head.weight, source.class_head.weight)
 
 
 def test_official_conversion_errors() -> None:
