@@ -75,6 +75,8 @@ class OfficialNetwork(nn.Module):
             }
         )
         del self.model.fc
+        # the stages again, as the official network keeps them: its state dict lists them twice
+        self.layer_blocks = nn.ModuleList([resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4])
 
     def forward(self, x: torch.Tensor, is_init_cluster_generation: bool = False) -> dict[str, torch.Tensor]:
         m = self.model
@@ -82,7 +84,7 @@ class OfficialNetwork(nn.Module):
         if is_init_cluster_generation:
             x = F.avg_pool2d(m.layer1(x), 18, 12)
             return {"init": F.normalize(x.view(x.size(0), -1))}
-        for layer in (m.layer1, m.layer2, m.layer3, m.layer4):
+        for layer in self.layer_blocks:
             x = layer(x)
         x = m.avgpool(x).view(x.size(0), -1)
         out = {"Last": x}
@@ -101,12 +103,8 @@ def test_outputs_match_the_official_forward_on_converted_weights() -> None:
     reference = OfficialNetwork(_reference_resnet10(), 64, 64)
     _randomise(reference, 0)
     reference.eval()
-    state = {k: v for k, v in reference.state_dict().items()}
-    for i in range(4):  # the official network lists its stages twice
-        prefix = f"model.layer{i + 1}."
-        state.update(
-            {f"layer_blocks.{i}.{k[len(prefix) :]}": v for k, v in state.items() if k.startswith(prefix)}
-        )
+    state = reference.state_dict()
+    assert any(k.startswith("layer_blocks.3.") for k in state)
     model = create_model("mic_resnet10", checkpoint={"state_dict": state})
     model.train()  # BatchNorm statistics stay frozen in training mode
     images = torch.randn(3, 3, 224, 224)

@@ -86,10 +86,13 @@ class MIC(nn.Module):
     def shared_dim(self) -> int:
         return self.shared_head.out_features
 
+    def _pooled(self, images: Tensor) -> Tensor:
+        (x,) = self.trunk(images, ("layer4",))
+        return x.mean(dim=(2, 3))  # global average pooling (the official 7x7 pool at 224 px)
+
     def forward(self, images: Tensor) -> MICOutput:
         """Args: images (B, 3, H, W), normalised. Returns the two unit-norm embeddings and the pooled features."""
-        (x,) = self.trunk(images, ("layer4",))
-        pooled = x.mean(dim=(2, 3))  # global average pooling (the official 7x7 pool at 224 px)
+        pooled = self._pooled(images)
         return MICOutput(
             F.normalize(self.class_head(pooled), dim=-1),
             F.normalize(self.shared_head(pooled), dim=-1),
@@ -98,8 +101,7 @@ class MIC(nn.Module):
 
     def embed(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, class_dim) unit-norm class embeddings, the ones MIC retrieves with."""
-        (x,) = self.trunk(images, ("layer4",))
-        return F.normalize(self.class_head(x.mean(dim=(2, 3))), dim=-1)
+        return F.normalize(self.class_head(self._pooled(images)), dim=-1)
 
     def cluster_features(self, images: Tensor) -> Tensor:
         """MIC's descriptor for the first clustering: ``layer1`` average-pooled, flattened and L2-normalised.

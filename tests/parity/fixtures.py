@@ -59,6 +59,15 @@ def fixtures_of_kind(method: str, kind: str, *, prefix: bool = False) -> list[st
     ]
 
 
+def key_listing_files(method: str) -> list[str]:
+    """The ``{section: {key: [shape, dtype]}}`` key-listing JSON files a method's manifest names (the entry's
+    name is the file); none when the fixture root is absent."""
+    if not fixture_root().is_dir():
+        return []
+    fixtures = MethodFixtures(method).manifest["fixtures"]
+    return [name for name, spec in fixtures.items() if "[shape, dtype]" in str(spec.get("format", ""))]
+
+
 _NUMBER = r"[0-9.]+(?:e-?[0-9]+)?"
 
 

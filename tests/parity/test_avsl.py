@@ -7,7 +7,6 @@ tensor names are the fixture format's (``batch1.train.embed_0``...).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +16,14 @@ from objretrieval import create_model
 from objretrieval.losses import AVSLPairwiseProxyAnchorLoss, AVSLProxyAnchorLoss
 from objretrieval.models import AVSL, AVSLScorer, convert_official_avsl, load_state_dict_into
 from objretrieval.models.avsl import topk_mask
-from tests.parity.fixtures import MethodFixtures, assert_close, method_fixtures, parse_tolerance, random_state
+from tests.parity.fixtures import (
+    MethodFixtures,
+    assert_close,
+    key_listing_files,
+    method_fixtures,
+    parse_tolerance,
+    random_state,
+)
 
 FILE = "avsl_forward.safetensors"
 
@@ -239,10 +245,10 @@ def test_topk_mask(avsl: MethodFixtures) -> None:
     assert torch.equal(topk_mask(t["topk_mask.input"], k, dim=dim), t[name].bool())
 
 
-def test_default_checkpoint_layout_loads_strictly(avsl: MethodFixtures) -> None:
+@pytest.mark.parametrize("listing_file", key_listing_files("avsl"))
+def test_default_checkpoint_layout_loads_strictly(avsl: MethodFixtures, listing_file: str) -> None:
     """The official default files (ResNet50 trunk, 512-d embedder, collectors for each dataset) load strictly."""
-    (listing_file,) = sorted(Path(avsl.dir).glob("*state_dict_keys*.json"))
-    listing = avsl.json(listing_file.name)
+    listing = avsl.json(listing_file)
     trunk = next(v for k, v in listing.items() if "trunk" in k)
     embedder = next(v for k, v in listing.items() if "embedder" in k)
     collectors = [v for k, v in listing.items() if "collector" in k]

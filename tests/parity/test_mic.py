@@ -5,8 +5,6 @@ Tensor names, configuration and tolerances come from the fixture manifest.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import faiss
 import pytest
 import torch
@@ -18,7 +16,14 @@ from objretrieval.metrics import RetrievalEvaluator, kmeans, normalized_mutual_i
 from objretrieval.miners import DistanceWeightedMiner, MinedTriplets
 from objretrieval.models import MIC
 from objretrieval.training import MICTraining
-from tests.parity.fixtures import MethodFixtures, assert_close, method_fixtures, parse_tolerance, random_state
+from tests.parity.fixtures import (
+    MethodFixtures,
+    assert_close,
+    key_listing_files,
+    method_fixtures,
+    parse_tolerance,
+    random_state,
+)
 
 EVAL_FILE = "eval_metrics.safetensors"
 # (tensor-name prefix, protocol): the single-set protocol and the query/gallery (In-Shop) one.
@@ -198,10 +203,10 @@ def test_adversarial_loss(mic: MethodFixtures) -> None:
         assert_close(param.grad, t[f"grad_param.{name}"], tolerance, f"gradient of {name}")
 
 
-def test_default_checkpoint_layout_loads_strictly(mic: MethodFixtures) -> None:
+@pytest.mark.parametrize("listing_file", key_listing_files("mic"))
+def test_default_checkpoint_layout_loads_strictly(mic: MethodFixtures, listing_file: str) -> None:
     """The official default state dict (with its layer_blocks.* aliases) and the loss modules load strictly."""
-    (listing_file,) = sorted(Path(mic.dir).glob("*state_dict_keys*.json"))
-    listing = mic.json(listing_file.name)
+    listing = mic.json(listing_file)
     network = next(v for k, v in listing.items() if k.startswith("network"))
     criteria = next(v for k, v in listing.items() if k.startswith("criterion"))
     state = random_state(network)
