@@ -6,8 +6,7 @@ fails loudly at the boundary instead of producing a silently wrong number deep i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import numpy as np
 import torch
@@ -103,10 +102,16 @@ def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
-def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return str(value)
+def check_choice(value: Any, name: str, choices: Any) -> Any:
+    """Return ``value`` if it is one of ``choices``: a ``Literal[...]`` alias or a sequence of values.
+
+    Passing the ``Literal`` alias that types the argument keeps the allowed values written once, and the
+    result types as that alias at the call site (``self.mode: Mode = check_choice(mode, "mode", Mode)``).
+    """
+    allowed = get_args(choices) if get_origin(choices) is Literal else tuple(choices)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    return value
 
 
 def check_ranking(x: Any, name: str) -> Tensor:

@@ -56,7 +56,7 @@ class MarginLoss(ParametricLoss):
         self.margin, self.nu, self.learn_beta = float(margin), float(nu), learn_beta
         self.normalizer: Normalizer = check_choice(
             normalizer,
-            "normalizer",  # type: ignore[assignment]
+            "normalizer",
             ("active_terms", "active_triplets"),
         )
         self.num_classes = num_classes

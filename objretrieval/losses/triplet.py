@@ -39,7 +39,7 @@ class TripletMarginLoss(MetricLoss):
     def __init__(self, margin: float = 0.05, selection: Selection = "all") -> None:
         super().__init__()
         self.margin = float(margin)
-        self.selection: Selection = check_choice(selection, "selection", ("all", "hard", "semihard"))  # type: ignore[assignment]
+        self.selection: Selection = check_choice(selection, "selection", ("all", "hard", "semihard"))
 
     def compute_loss(self, batch: PairBatch) -> Tensor | None:
         triplets = batch.triplets()

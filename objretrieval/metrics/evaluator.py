@@ -124,8 +124,8 @@ class RetrievalEvaluator:
         kmeans_seed: int = 1234,
     ) -> None:
         self.metrics = _parse((metrics,) if isinstance(metrics, str) else metrics)
-        self.metric: Metric = check_choice(metric, "metric", METRICS)  # type: ignore[assignment]
-        self.no_relevant: NoRelevantPolicy = check_choice(  # type: ignore[assignment]
+        self.metric: Metric = check_choice(metric, "metric", METRICS)
+        self.no_relevant: NoRelevantPolicy = check_choice(
             no_relevant, "no_relevant", ("exclude", "zero", "error")
         )
         self.return_per_query = return_per_query
@@ -176,7 +176,7 @@ class RetrievalEvaluator:
                 source,
                 k=depth,
                 metric=self.metric,
-                backend=self.backend,  # type: ignore[arg-type]
+                backend=self.backend,
                 block_size=self.block_size,
                 device=device,
                 progress=self.progress,

@@ -93,8 +93,8 @@ def knn(
     if block_size is None:
         block_size = 4096 if gallery is None else _default_block_size(min(q.shape[0], query_block_size))
     block_size = check_positive_int(block_size, "block_size")
-    metric = check_choice(metric, "metric", METRICS)  # type: ignore[assignment]
-    backend = check_choice(backend, "backend", ("torch", "faiss"))  # type: ignore[assignment]
+    metric = check_choice(metric, "metric", METRICS)
+    backend = check_choice(backend, "backend", ("torch", "faiss"))
     compute_device = torch.device(device) if device is not None else q.device
     if not isinstance(index, str):
         raise TypeError(

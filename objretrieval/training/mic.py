@@ -94,7 +94,7 @@ def class_centred(
     Returns:
         (N, D) float32 features.
     """
-    normalization = check_choice(normalization, "normalization", ("mean", "mstd", "no_norm"))  # type: ignore[assignment]
+    normalization = check_choice(normalization, "normalization", ("mean", "mstd", "no_norm"))
     x = check_embeddings(features, "features").float()
     labels = check_labels(class_labels, "class_labels", x.shape[0], "features").to(x.device)
     if normalization == "no_norm":
@@ -178,7 +178,7 @@ class InterclassClusters:
     ) -> None:
         self.num_clusters = check_positive_int(num_clusters, "num_clusters")
         self.update_every = check_positive_int(update_every, "update_every", minimum=0)
-        self.normalization: ClusterNormalization = check_choice(  # type: ignore[assignment]
+        self.normalization: ClusterNormalization = check_choice(
             normalization, "normalization", ("mean", "mstd", "no_norm")
         )
         self.seed, self.nredo = seed, nredo
@@ -321,7 +321,7 @@ class MICTraining(nn.Module):
             images: (B, 3, H, W).
             labels: (B,) int64 labels of that task.
         """
-        task = check_choice(task, "task", TASKS)  # type: ignore[assignment]
+        task = check_choice(task, "task", TASKS)
         output = self.model(images)
         labels = check_labels(labels, "labels", output.class_embedding.shape[0], "images")
         labels = labels.to(output.class_embedding.device)
