@@ -131,3 +131,46 @@ def check_padding_mask(mask: Any, name: str, shape: tuple[int, ...], device: tor
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
     return mask.to(device)
+
+
+def check_number(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return ``value`` as a finite float inside the interval given by ``low``/``high``.
+
+    ``low_open``/``high_open`` exclude the bound itself (``low=0, low_open=True`` means "> 0").
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+            value = value.item()
+        else:
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not np.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    too_low = low is not None and (v <= low if low_open else v < low)
+    too_high = high is not None and (v >= high if high_open else v > high)
+    if too_low or too_high:
+        left = "-inf" if low is None else f"{low:g}"
+        right = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if low_open or low is None else '['}{left}, {right}{')' if high_open or high is None else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {v:g}")
+    return v
+
+
+def check_not_all_padded(padding: Tensor, name: str, what: str = "row") -> None:
+    """Raise if some set in a (B, N) padding mask (True at padded slots) has no real element, naming it.
+
+    A fully padded set has no content to embed or score: attention over it yields NaN or a plausible-looking
+    constant, both silently wrong.
+    """
+    empty = padding.all(dim=-1)
+    if bool(empty.any()):
+        first = int(empty.reshape(-1).nonzero()[0, 0])
+        raise ValueError(f"{name}: {what} {first} is entirely padding (no real element to use)")
