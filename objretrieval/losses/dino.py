@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from objretrieval.distributed import all_reduce_sum_, world_size
 
 
 def teacher_temperature_schedule(
@@ -118,8 +119,6 @@ class DINOLoss(nn.Module):
     def update_center(self, teacher_output: Tensor) -> None:
         """EMA of the teacher's batch mean (all-reduced across processes)."""
         total = teacher_output.float().sum(dim=0, keepdim=True)
-        count = teacher_output.shape[0]
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(total)
-            count *= dist.get_world_size()
+        all_reduce_sum_(total)
+        count = teacher_output.shape[0] * world_size()
         self.center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)

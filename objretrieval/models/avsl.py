@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from objretrieval.distributed import all_reduce_mean_
 from objretrieval.models.checkpoint import unwrap_state_dict
 from objretrieval.models.registry import CheckpointFormat, PretrainedCfg, register_model
 from objretrieval.models.resnet import (
@@ -291,9 +291,7 @@ class AttributableSimilarity(nn.Module):
             raise ValueError(
                 f"link estimates must be {tuple(self.links.shape[1:])}, got {tuple(new.shape[1:])}"
             )
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(new)
-            new /= dist.get_world_size()
+        all_reduce_mean_(new)
         if int(self.num_link_updates) == 0:
             self.links.copy_(new)
         else:

@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-import torch
 from torch.utils.data import Sampler
 
+from objretrieval import distributed
 from objretrieval._validation import check_choice, check_labels, check_positive_int
 
 SmallClasses = Literal["error", "replace", "drop"]
@@ -60,11 +60,10 @@ def check_seed(value: Any, name: str) -> int:
 
 def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """``(rank, world_size)``: the given values, else torch.distributed's if initialised, else (0, 1)."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if world_size is None:
-        world_size = torch.distributed.get_world_size() if distributed else 1
+        world_size = distributed.world_size()
     if rank is None:
-        rank = torch.distributed.get_rank() if distributed else 0
+        rank = distributed.rank()
     world_size = check_positive_int(world_size, "world_size")
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
         raise TypeError(f"rank must be an int, got {type(rank).__name__}")
