@@ -26,6 +26,7 @@ def to_tensor(x: Any, name: str) -> Tensor:
     """Return ``x`` as a tensor without copying where possible (tensors, numpy arrays, memmaps, h5py datasets,
     nested lists)."""
     if isinstance(x, Tensor):
+        check_not_meta(x, name)
         return x
     if isinstance(x, (list, tuple)):
         try:
@@ -39,6 +40,15 @@ def to_tensor(x: Any, name: str) -> Tensor:
     if hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "__getitem__"):  # h5py.Dataset and friends
         return torch.from_numpy(np.ascontiguousarray(x[()]))
     raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {_describe(x)}")
+
+
+def check_not_meta(t: Tensor, name: str) -> None:
+    """Refuse a meta tensor: it has a shape but no values, so anything computed from it is meaningless."""
+    if t.is_meta:
+        raise ValueError(
+            f"{name} is a meta tensor (shape {tuple(t.shape)}, no data); materialise it first, e.g. "
+            "module.to_empty(device=...) followed by loading real weights"
+        )
 
 
 def check_embeddings(x: Any, name: str) -> Tensor:
