@@ -1,9 +1,11 @@
-"""Exact kNN throughput: objretrieval's streaming search (CPU or CUDA) vs faiss IndexFlatIP on the CPU.
+"""Exact kNN throughput: objretrieval's streaming search (CPU or CUDA) vs faiss IndexFlat on the CPU.
 
-Searches a query set against a gallery of random unit vectors (cosine = inner product) and reports time,
-queries per second, peak memory and agreement of the returned neighbours with faiss.
+Searches a query set against a gallery of random unit vectors (inner product, or squared L2 with
+--metric l2) and reports time, queries per second, peak memory and agreement of the returned neighbours with
+faiss.
 
     uv run python benchmarks/bench_knn.py                                   # CPU, 100k x 768 gallery
+    uv run python benchmarks/bench_knn.py --metric l2                       # squared Euclidean distance
     uv run python benchmarks/bench_knn.py --device cuda --gallery 1000000 --queries 10000   # the GPU run
     uv run python benchmarks/bench_knn.py --device cuda --dtype float16 ...                  # half storage
 
@@ -28,6 +30,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1_000)
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--metric", choices=["ip", "l2"], default="ip")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--block-size", type=int, default=None)
@@ -47,7 +50,9 @@ def main() -> None:
         g = g.to(device)
 
     def ours() -> torch.Tensor:
-        result = knn(q, g, k=args.k, metric="ip", block_size=block, query_block_size=max(4096, args.queries))
+        result = knn(
+            q, g, k=args.k, metric=args.metric, block_size=block, query_block_size=max(4096, args.queries)
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         return result.indices.cpu()
@@ -59,7 +64,8 @@ def main() -> None:
     indices = ours()
     seconds = time.perf_counter() - start
     print(
-        f"gallery {args.gallery:,} x {args.dim}, {args.queries:,} queries, k={args.k}, {args.dtype}, {device}"
+        f"gallery {args.gallery:,} x {args.dim}, {args.queries:,} queries, k={args.k}, {args.metric}, "
+        f"{args.dtype}, {device}"
     )
     print(
         f"objretrieval: {seconds:.2f} s, {args.queries / seconds:,.0f} queries/s, "
@@ -71,7 +77,7 @@ def main() -> None:
     if not args.skip_faiss:
         import faiss
 
-        index = faiss.IndexFlatIP(args.dim)
+        index = faiss.IndexFlatL2(args.dim) if args.metric == "l2" else faiss.IndexFlatIP(args.dim)
         index.add(np.ascontiguousarray(gallery.to(dtype).float().numpy()))
         start = time.perf_counter()
         _, reference = index.search(np.ascontiguousarray(queries.to(dtype).float().numpy()), args.k)

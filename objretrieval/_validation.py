@@ -186,3 +186,31 @@ def check_not_all_padded(padding: Tensor, name: str, what: str = "row") -> None:
     if bool(empty.any()):
         first = int(empty.reshape(-1).nonzero()[0, 0])
         raise ValueError(f"{name}: {what} {first} is entirely padding (no real element to use)")
+
+
+def check_label_range(labels: Tensor, name: str, num_classes: int) -> Tensor:
+    """Return ``labels`` if every one lies in [0, num_classes), as labels indexing per-class parameters must."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"{name} must lie in [0, num_classes={num_classes}), got min {int(labels.min())}, "
+            f"max {int(labels.max())}"
+        )
+    return labels
+
+
+def check_label_rows(labels: Any, name: str, length: int | None = None, length_of: str | None = None) -> Tensor:
+    """Return integer labels with one entry or one row per item, (N,) or (N, L) (e.g. hierarchical levels).
+
+    The same rules as :func:`check_labels`, for labels that a custom comparison reads level by level.
+    """
+    if isinstance(labels, (list, tuple)) and len(labels) == 0:
+        return check_labels(labels, name, length, length_of)
+    t = to_tensor(labels, name)
+    if t.ndim > 2:
+        raise ValueError(f"{name} must be (num_items,) or (num_items, levels), got shape {tuple(t.shape)}")
+    if t.ndim < 2:
+        return check_labels(t, name, length, length_of)
+    if t.shape[1] == 0:
+        raise ValueError(f"{name} has no label levels: shape {tuple(t.shape)}")
+    check_labels(t[:, 0], name, length, length_of)  # dtype and length
+    return t.to(torch.int64)

@@ -9,6 +9,7 @@ pytorch-metric-learning's index tuples, so miners and losses from either library
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, NamedTuple
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from objretrieval._validation import check_embeddings, check_labels
+from objretrieval.precision import compute_dtype, upcast
+from objretrieval.search.scoring import exact_sq_distances, near_pairs
 
 
 class MinedPairs(NamedTuple):
@@ -54,20 +57,65 @@ class MinedTriplets(NamedTuple):
 
 Mined = MinedPairs | MinedTriplets
 
+#: ``(labels, ref_labels) -> (N, M) bool`` "same class" matrix, e.g. for hierarchical labels.
+LabelComparison = Callable[[Tensor, Tensor], Tensor]
 
-def as_mined(indices_tuple: Any, num_rows: int, num_ref: int, device: torch.device) -> Mined | None:
-    """Normalise a loss's ``indices_tuple`` argument: ours, PML's 4-tuple of pairs or 3-tuple of triplets."""
+#: Per-pair multiplicities (positive, negative) of mined pairs that were given more than once.
+PairCounts = tuple[Tensor, Tensor]
+
+
+def _check_indices(t: Tensor, name: str, upper: int) -> None:
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= upper):
+        raise ValueError(f"mined {name} indices must lie in [0, {upper})")
+
+
+def pairs_from_indices(
+    a1: Tensor, p: Tensor, a2: Tensor, n: Tensor, shape: tuple[int, int]
+) -> tuple[MinedPairs, PairCounts | None]:
+    """Pair masks of index pairs ``(a1, p)`` and ``(a2, n)``, with the multiplicities when a pair repeats.
+
+    Triplets become pairs as pytorch-metric-learning's ``convert_to_pairs`` makes them: ``(a, p, a, n)``. A
+    pair-based loss (``ContrastiveLoss``) weights a repeated pair by its multiplicity, as PML's pair losses do;
+    the masks alone describe each distinct pair once.
+    """
+    masks, counts, repeated = [], [], False
+    for rows, cols in ((a1, p), (a2, n)):
+        mask = torch.zeros(shape, dtype=torch.bool, device=rows.device)
+        mask[rows, cols] = True
+        masks.append(mask)
+        repeated = repeated or rows.numel() > int(mask.count_nonzero())
+    if repeated:
+        for rows, cols in ((a1, p), (a2, n)):
+            flat = torch.bincount(rows * shape[1] + cols, minlength=shape[0] * shape[1])
+            counts.append(flat.view(shape))
+    return MinedPairs(*masks), (counts[0], counts[1]) if repeated else None
+
+
+def as_mined(
+    indices_tuple: Any, num_rows: int, num_ref: int, device: torch.device
+) -> tuple[Mined | None, PairCounts | None]:
+    """Normalise a loss's ``indices_tuple``: ours, PML's 4-tuple of pairs or 3-tuple of triplets.
+
+    Returns the mined structure and, for a 4-tuple that repeats a pair, the pairs' multiplicities.
+    """
+    counts = None
     if indices_tuple is None or isinstance(indices_tuple, (MinedPairs, MinedTriplets)):
         mined = indices_tuple
-    elif isinstance(indices_tuple, (tuple, list)) and len(indices_tuple) == 4:
-        a1, p, a2, n = (torch.as_tensor(t, device=device).long() for t in indices_tuple)
-        pos = torch.zeros(num_rows, num_ref, dtype=torch.bool, device=device)
-        neg = torch.zeros_like(pos)
-        pos[a1, p] = True
-        neg[a2, n] = True
-        mined = MinedPairs(pos, neg)
-    elif isinstance(indices_tuple, (tuple, list)) and len(indices_tuple) == 3:
-        mined = MinedTriplets(*(torch.as_tensor(t, device=device).long() for t in indices_tuple))
+    elif isinstance(indices_tuple, (tuple, list)) and len(indices_tuple) in (3, 4):
+        parts = tuple(torch.as_tensor(t, device=device).long() for t in indices_tuple)
+        if any(t.ndim != 1 for t in parts):
+            raise ValueError("mined index tensors must be 1-D")
+        if len(parts) == 4:
+            a1, p, a2, n = parts
+            if a1.shape != p.shape or a2.shape != n.shape:
+                raise ValueError("mined pair index tensors (a1, p) and (a2, n) must be of equal length")
+            for name, t, upper in (("anchor1", a1, num_rows), ("positive", p, num_ref)):
+                _check_indices(t, name, upper)
+            for name, t, upper in (("anchor2", a2, num_rows), ("negative", n, num_ref)):
+                _check_indices(t, name, upper)
+            mined, counts = pairs_from_indices(a1, p, a2, n, (num_rows, num_ref))
+        else:
+            mined = MinedTriplets(*parts)
     else:
         raise TypeError(
             "indices_tuple must be None, MinedPairs, MinedTriplets, (anchor1, positive, anchor2, negative) or "
@@ -80,15 +128,16 @@ def as_mined(indices_tuple: Any, num_rows: int, num_ref: int, device: torch.devi
             f"mined pair masks must have shape ({num_rows}, {num_ref}), got {tuple(mined.positive.shape)} "
             f"and {tuple(mined.negative.shape)}"
         )
+    if isinstance(mined, MinedPairs):
+        mined = MinedPairs(*(m.to(device=device, dtype=torch.bool) for m in mined))
     if isinstance(mined, MinedTriplets):
-        a, p, n = mined
+        a, p, n = (t.to(device).long() for t in mined)
         if not a.shape == p.shape == n.shape or a.ndim != 1:
             raise ValueError("triplet index tensors must be 1-D and of equal length")
         for name, t, upper in (("anchor", a, num_rows), ("positive", p, num_ref), ("negative", n, num_ref)):
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= upper):
-                raise ValueError(f"triplet {name} indices must lie in [0, {upper})")
-        mined = MinedTriplets(a.to(device), p.to(device), n.to(device))
-    return mined
+            _check_indices(t, f"triplet {name}", upper)
+        mined = MinedTriplets(a, p, n)
+    return mined, counts
 
 
 def _plus_transpose(g: Tensor, panel: int = 128) -> Tensor:
@@ -117,18 +166,26 @@ class _SelfSimilarity(torch.autograd.Function):
 
 class _GramDistance(torch.autograd.Function):
     """Euclidean distances ``sqrt(max(|x|^2 + |r|^2 - 2 S, floor) + offset)`` from inner products S, fused:
-    one (N, M) buffer in the forward pass and one in the backward, instead of a chain of temporaries."""
+    one (N, M) buffer in the forward pass and one in the backward, instead of a chain of temporaries.
+
+    Also returns the ``(rows, cols)`` of the nearly coincident pairs, where the formula cancels and loses
+    precision (:func:`~objretrieval.search.scoring.near_pairs`), found on the squared distances it forms anyway.
+    """
 
     @staticmethod
-    def forward(ctx: Any, s: Tensor, x_sq: Tensor, r_sq: Tensor, floor: float, offset: float) -> Tensor:
+    def forward(
+        ctx: Any, s: Tensor, x_sq: Tensor, r_sq: Tensor, floor: float, offset: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
         d = (x_sq[:, None] + r_sq[None, :]).sub_(s, alpha=2.0)
+        rows, cols = near_pairs(d, x_sq, r_sq)
         kept = d >= floor  # where the clamp passes gradient
         d.clamp_(min=floor).add_(offset).sqrt_()
         ctx.save_for_backward(d, kept)
-        return d
+        ctx.mark_non_differentiable(rows, cols)
+        return d, rows, cols
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
+    def backward(ctx: Any, grad: Tensor, *_: Any) -> tuple[Tensor, Tensor, Tensor, None, None]:
         d, kept = ctx.saved_tensors
         half = torch.where(kept, grad / (2.0 * d), 0.0)  # d d / d sq
         return -2.0 * half, half.sum(1), half.sum(0), None, None
@@ -150,6 +207,8 @@ class PairBatch:
         ref_labels: (M,) int64.
         ref_is_self: whether ``ref`` is ``embeddings`` (then the diagonal pairs an item with itself).
         mined: pairs or triplets chosen by a miner, if any.
+        mined_counts: multiplicities of mined pairs given more than once (PML index tuples), else None.
+        label_comparison: optional ``(labels, ref_labels) -> (N, M) bool`` replacing label equality.
     """
 
     embeddings: Tensor
@@ -158,6 +217,8 @@ class PairBatch:
     ref_labels: Tensor
     ref_is_self: bool
     mined: Mined | None = None
+    mined_counts: PairCounts | None = None
+    label_comparison: LabelComparison | None = None
 
     @cached_property
     def similarity(self) -> Tensor:
@@ -168,36 +229,70 @@ class PairBatch:
 
     @cached_property
     def same_label(self) -> Tensor:
-        """(N, M) bool label equality, the diagonal included."""
-        return self.labels[:, None] == self.ref_labels[None, :]
+        """(N, M) bool "same class", the diagonal included: label equality or ``label_comparison``."""
+        if self.label_comparison is None:
+            return self.labels[:, None] == self.ref_labels[None, :]
+        same = self.label_comparison(self.labels, self.ref_labels)
+        shape = (self.labels.shape[0], self.ref_labels.shape[0])
+        if not isinstance(same, Tensor) or same.dtype != torch.bool or tuple(same.shape) != shape:
+            got = f"{same.dtype} {tuple(same.shape)}" if isinstance(same, Tensor) else type(same).__name__
+            raise TypeError(f"label_comparison must return a bool tensor of shape {shape}, got {got}")
+        return same.to(self.labels.device)
 
     @cached_property
     def is_self(self) -> Tensor:
         """(N, M) bool, True where a reference is the anchor itself."""
-        n, m = self.same_label.shape
+        n, m = self.labels.shape[0], self.ref_labels.shape[0]
         if not self.ref_is_self:
             return torch.zeros(n, m, dtype=torch.bool, device=self.labels.device)
         return torch.eye(n, m, dtype=torch.bool, device=self.labels.device)
 
     @cached_property
+    def _mined_pairs(self) -> tuple[MinedPairs | None, PairCounts | None]:
+        if isinstance(self.mined, MinedTriplets):
+            a, p, n = self.mined
+            return pairs_from_indices(a, p, a, n, (self.labels.shape[0], self.ref_labels.shape[0]))
+        return self.mined, self.mined_counts
+
+    @property
+    def mined_pairs(self) -> MinedPairs | None:
+        """The mining as pair masks: mined pairs, or the a-p and a-n pairs of mined triplets; None if none."""
+        return self._mined_pairs[0]
+
+    @property
+    def pair_counts(self) -> PairCounts | None:
+        """(N, M) int64 multiplicities of the mined (positive, negative) pairs when some pair repeats, else None."""
+        return self._mined_pairs[1]
+
+    @cached_property
     def positive_mask(self) -> Tensor:
         """(N, M) bool same-label pairs without self-pairs, restricted to mined pairs if any."""
         mask = self.same_label & ~self.is_self
-        return mask & self.mined.positive if isinstance(self.mined, MinedPairs) else mask
+        return mask if self.mined_pairs is None else mask & self.mined_pairs.positive
 
     @cached_property
     def negative_mask(self) -> Tensor:
         """(N, M) bool different-label pairs, restricted to mined pairs if any."""
         mask = ~self.same_label
-        return mask & self.mined.negative if isinstance(self.mined, MinedPairs) else mask
+        return mask if self.mined_pairs is None else mask & self.mined_pairs.negative
 
     def distances(self, floor: float = 1e-12, offset: float = 0.0) -> Tensor:
-        """(N, M) Euclidean distances ``sqrt(max(squared, floor) + offset)`` (the floor keeps gradients finite)."""
+        """(N, M) Euclidean distances ``sqrt(max(squared, floor) + offset)`` (the floor keeps gradients finite).
+
+        They come from the Gram matrix :attr:`similarity`, except for nearly coincident pairs, where that
+        formula cancels: those few are recomputed from their difference vectors and spliced in, with their
+        own gradients, so values and gradients keep the precision of the dtype at any distance.
+        """
         x_sq = self.embeddings.pow(2).sum(1)
         r_sq = x_sq if self.ref_is_self else self.ref.pow(2).sum(1)
-        return _GramDistance.apply(self.similarity, x_sq, r_sq, floor, offset)
+        d, rows, cols = _GramDistance.apply(self.similarity, x_sq, r_sq, floor, offset)
+        if rows.numel() == 0:
+            return d
+        exact = exact_sq_distances(self.embeddings, self.ref, rows, cols).clamp(min=floor).add(offset).sqrt()
+        return d.index_put((rows, cols), exact)  # out of place: the fast path's backward keeps its buffer
 
     def triplets(self) -> MinedTriplets | None:
+        """The mined triplets, if the mining was triplets."""
         return self.mined if isinstance(self.mined, MinedTriplets) else None
 
 
@@ -209,26 +304,29 @@ def make_pair_batch(
     ref_labels: Any = None,
     *,
     normalize: bool = True,
+    label_comparison: LabelComparison | None = None,
 ) -> PairBatch:
     """Validate the inputs of a loss or miner call and build its :class:`PairBatch`.
 
-    Embeddings (and references) are checked (2-D, floating, finite), cast to float32 (float64 stays) and
-    L2-normalised if ``normalize``; labels must be integers, one per row, and move to the embeddings' device.
+    Embeddings (and references) are checked (2-D, floating, finite), upcast to the compute dtype of
+    :mod:`objretrieval.precision` (float32, float64 stays) and L2-normalised if ``normalize``; labels must be
+    integers, one per row, and move to the embeddings' device.
     """
     x = check_embeddings(embeddings, "embeddings")
     y = check_labels(labels, "labels", x.shape[0], "embeddings").to(x.device)
     if (ref_emb is None) != (ref_labels is None):
         raise ValueError("ref_emb and ref_labels must be given together")
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    f = x.to(dtype)
+    r_in = None if ref_emb is None else check_embeddings(ref_emb, "ref_emb")
+    dtype = compute_dtype(x, r_in)
+    f = upcast(x, dtype)
     f = F.normalize(f, dim=1) if normalize else f
-    if ref_emb is None:
+    if r_in is None:
         r, ry = f, y
     else:
-        r = check_embeddings(ref_emb, "ref_emb").to(device=x.device, dtype=dtype)
+        r = upcast(r_in.to(x.device), dtype)
         if r.shape[1] != x.shape[1]:
             raise ValueError(f"ref_emb has dim {r.shape[1]} but embeddings have dim {x.shape[1]}")
         r = F.normalize(r, dim=1) if normalize else r
         ry = check_labels(ref_labels, "ref_labels", r.shape[0], "ref_emb").to(x.device)
-    mined = as_mined(indices_tuple, f.shape[0], r.shape[0], x.device)
-    return PairBatch(f, y, r, ry, ref_emb is None, mined)
+    mined, counts = as_mined(indices_tuple, f.shape[0], r.shape[0], x.device)
+    return PairBatch(f, y, r, ry, r_in is None, mined, counts, label_comparison)

@@ -213,16 +213,27 @@ def test_scorer_sources_agree_with_pairwise_forward(tmp_path, binarized: bool) -
             with pytest.raises(ValueError, match="save_codes needs a cache built with a binarized model"):
                 cache.save_codes(tmp_path / "codes.h5")
             code_store = _code_store(tmp_path)
-            with pytest.raises(ValueError, match="a BinaryCodeStore database needs a binarized model"):
+            with pytest.raises(ValueError, match="packed binary codes, which need a binarized model"):
                 AMESScorer(model, queries, code_store)
         for name, (q_source, db_source) in sources.items():
             scorer = AMESScorer(
                 model, q_source, db_source, query_descriptors=10, database_descriptors=5, batch_size=2
             )
             for q in (0, 1, 2, 1):
-                torch.testing.assert_close(scorer(q, ids), expected[q], atol=1e-4, rtol=1e-4, msg=name)
-        with pytest.raises(ValueError, match="ids must be a 1-D integer tensor"):
-            scorer(0, ids.float())
+                got = scorer.score_pairs(torch.full_like(ids, q), ids)
+                torch.testing.assert_close(got, expected[q], atol=1e-4, rtol=1e-4, msg=name)
+            # pairs of several queries in one call, in any order
+            mixed = scorer.score_pairs(torch.tensor([2, 2, 0, 1, 0]), ids)
+            reference = torch.stack(
+                [expected[2][0], expected[2][1], expected[0][2], expected[1][3], expected[0][4]]
+            )
+            torch.testing.assert_close(mixed, reference, atol=1e-4, rtol=1e-4, msg=name)
+        with pytest.raises(TypeError, match="gallery_ids must be a 1-D integer tensor"):
+            scorer.score_pairs(torch.zeros(5, dtype=torch.long), ids.float())
+        with pytest.raises(ValueError, match=r"gallery_ids must lie in \[0, 9\)"):
+            scorer.score_pairs(torch.zeros(1, dtype=torch.long), torch.tensor([9]))
+        with pytest.raises(ValueError, match="query_ids and gallery_ids must pair up"):
+            scorer.score_pairs(torch.zeros(2, dtype=torch.long), ids)
         code_store.close()
 
 
@@ -241,11 +252,15 @@ def test_bfloat16_autocast_scoring_on_cpu() -> None:
     assert not exact.autocast  # off by default on the CPU
     fast = AMESScorer(model, queries, cache, query_descriptors=20, autocast=True, amp_dtype=torch.bfloat16)
     for q in range(2):
-        torch.testing.assert_close(fast(q, ids), exact(q, ids), atol=3e-2, rtol=3e-2)
+        qs = torch.full_like(ids, q)
+        torch.testing.assert_close(
+            fast.score_pairs(qs, ids), exact.score_pairs(qs, ids), atol=3e-2, rtol=3e-2
+        )
     with pytest.raises(ValueError, match=r"amp_dtype must be torch\.float16 or torch\.bfloat16"):
         AMESScorer(model, queries, cache, amp_dtype=torch.float64)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_autocast_scoring_matches_cpu() -> None:
     model = _model()
@@ -260,4 +275,146 @@ def test_cuda_autocast_scoring_matches_cpu() -> None:
         )
         assert gpu.autocast  # on by default on CUDA
         for q in range(2):
-            torch.testing.assert_close(gpu(q, ids), cpu(q, ids), atol=5e-2, rtol=5e-2)
+            qs = torch.full_like(ids, q)
+            torch.testing.assert_close(
+                gpu.score_pairs(qs, ids).cpu(), cpu.score_pairs(qs, ids), atol=5e-2, rtol=5e-2
+            )
+
+
+# -- one pairwise protocol: evaluation, rescoring ----------------------------------------------------------------
+
+
+def _full_scores(model: AMES, queries, database) -> torch.Tensor:
+    """(Q, N) logits, one forward call per pair: the brute-force reference."""
+    return torch.stack(
+        [_pairwise(model, queries[0][q], queries[1][q], *database) for q in range(queries[0].shape[0])]
+    )
+
+
+def test_evaluator_from_scorer_takes_an_ames_scorer() -> None:
+    from objretrieval import RetrievalEvaluator
+    from objretrieval.search import PairwiseScorer, pairwise_knn
+
+    model = _model()
+    queries, database = _descriptors(6, 7, seed=20, pad_from=5), _descriptors(10, 5, seed=21, pad_from=4)
+    scorer = AMESScorer(model, queries, database, query_descriptors=7, database_descriptors=5, batch_size=3)
+    assert isinstance(scorer, PairwiseScorer)
+    full = _full_scores(model, queries, database)
+    query_labels, gallery_labels = torch.tensor([0, 1, 2, 0, 1, 2]), torch.arange(10) % 3
+    metrics = ["recall@1", "recall@3", "map@r", "map"]
+    evaluator = RetrievalEvaluator(metrics)
+    expected = evaluator.from_ranking(full.argsort(dim=1, descending=True), query_labels, gallery_labels)
+    exhaustive = evaluator.from_scorer(
+        scorer, query_labels, gallery_labels, query_block_size=4, gallery_block_size=3
+    )
+    for name in metrics:
+        assert exhaustive[name] == pytest.approx(expected[name], abs=1e-9), name
+    # rescoring a shortlist: every candidate once, in another order, gives the same ranking
+    candidates = torch.arange(10).flip(0).expand(6, 10)
+    rescored = evaluator.from_scorer(scorer, query_labels, gallery_labels, candidates=candidates)
+    for name in metrics:
+        assert rescored[name] == pytest.approx(expected[name], abs=1e-9), name
+    top = pairwise_knn(scorer, 4, candidates=torch.tensor([[3, -1, 7]] * 6))
+    torch.testing.assert_close(
+        top.scores[:, :2], full[:, [3, 7]].sort(dim=1, descending=True).values, atol=1e-4, rtol=1e-4
+    )
+    assert bool((top.indices[:, 2:] == -1).all())
+
+
+def test_half_precision_descriptors_are_cast_to_the_model_dtype() -> None:
+    model = _model()
+    q, qpad = _descriptors(2, 6, seed=22)
+    db, dbpad = _descriptors(2, 5, seed=23)
+    with torch.no_grad():
+        for dtype in (torch.float16, torch.bfloat16):
+            rounded = model(q.to(dtype).float(), db.to(dtype).float(), qpad, dbpad)
+            torch.testing.assert_close(model(q.to(dtype), db.to(dtype), qpad, dbpad), rounded)
+    cache = DatabaseCache.build(model, (db.half(), dbpad))
+    scorer = AMESScorer(model, (q.half(), qpad), cache, query_descriptors=6)
+    ids = torch.tensor([0, 1])
+    with torch.no_grad():
+        expected = model(q.half().float()[[0, 0]], db.half().float(), qpad[[0, 0]], dbpad)
+    torch.testing.assert_close(
+        scorer.score_pairs(torch.zeros(2, dtype=torch.long), ids), expected, atol=1e-4, rtol=1e-4
+    )
+
+
+def test_non_finite_and_all_padded_inputs_are_refused() -> None:
+    model = _model()
+    q, qpad = _descriptors(3, 6, seed=24)
+    db, dbpad = _descriptors(4, 5, seed=25)
+    bad = db.clone()
+    bad[2, 1, 0] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"database descriptors contains NaN or inf values \(first at row 2\)"
+    ):
+        model(q[:1].expand(4, -1, -1), bad)
+    empty = dbpad.clone()
+    empty[1] = True
+    with pytest.raises(ValueError, match="database descriptors: image 1 is entirely padding"):
+        model(q[:1].expand(4, -1, -1), db, None, empty)
+    empty_q = qpad.clone()
+    empty_q[2] = True
+    with pytest.raises(ValueError, match="query descriptors: image 2 is entirely padding"):
+        model(q, db[:3], empty_q, dbpad[:3])
+    with pytest.raises(
+        ValueError, match=r"database \(images 0 \.\. 3\) contains NaN or inf values \(first at row 2\)"
+    ):
+        DatabaseCache.build(model, (bad, dbpad))
+    with pytest.raises(ValueError, match=r"database \(images 0 \.\. 3\): image 1 is entirely padding"):
+        DatabaseCache.build(model, (db, empty))
+    scorer = AMESScorer(model, (q, empty_q), (bad, dbpad), query_descriptors=6, database_descriptors=5)
+    with pytest.raises(
+        ValueError, match=r"database \(images \[3, 2\]\) contains NaN or inf values \(first at row 1\)"
+    ):
+        scorer.score_pairs(torch.tensor([0, 0]), torch.tensor([3, 2]))
+    with pytest.raises(ValueError, match=r"queries \(image 2\): image 0 is entirely padding"):
+        scorer.score_pairs(torch.tensor([2]), torch.tensor([0]))
+
+
+def test_scorer_and_cache_argument_errors(tmp_path) -> None:
+    model, binarized = _model(), AMES(LOCAL_DIM, model_dim=32, nhead=2, num_encoder_layers=1, binarized=True)
+    queries, database = _descriptors(2, 6, seed=26), _descriptors(3, 5, seed=27)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        AMESScorer(model, queries, database, batch_size=0)
+    with pytest.raises(ValueError, match="query_descriptors must be >= 1"):
+        AMESScorer(model, queries, database, query_descriptors=0)
+    with pytest.raises(ValueError, match="max_descriptors must be >= 1"):
+        DatabaseCache.build(model, database, max_descriptors=-1)
+    codes = DatabaseCache.build(binarized, database)
+    with pytest.raises(ValueError, match="packed binary codes, which need a binarized model"):
+        AMESScorer(model, queries, codes)
+    with pytest.raises(ValueError, match="full-precision tokens, but the model is binarized"):
+        AMESScorer(binarized, queries, DatabaseCache.build(model, database))
+    with pytest.raises(TypeError, match="queries must be local descriptors"):
+        AMESScorer(model, codes, database)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="database must be"):
+        AMESScorer(model, queries, database[0])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="database padding must be a bool tensor"):
+        AMESScorer(model, queries, (database[0], database[1].float()))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"codes must be \(N, T, 4\) uint8"):
+        binarized.project_codes(torch.zeros(1, 2, 3, dtype=torch.uint8), torch.ones(1, 2, dtype=torch.bool))
+
+
+def test_pair_losses_refuse_non_finite_logits_and_keep_float64() -> None:
+    from objretrieval.losses import PairDistillationLoss
+
+    logits, targets = torch.tensor([0.5, float("nan"), 1.0]), torch.tensor([1, 0, 1])
+    with pytest.raises(ValueError, match=r"logits contains NaN or inf values \(first at row 1\)"):
+        PairBCELoss()(logits, targets)
+    with pytest.raises(ValueError, match=r"student contains NaN or inf values \(first at row 1\)"):
+        PairDistillationLoss()(logits, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"teacher contains NaN or inf values \(first at row 2\)"):
+        PairDistillationLoss()(torch.zeros(3), torch.tensor([0.0, 1.0, float("inf")]))
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 1\]"):
+        PairBCELoss()(torch.zeros(2), torch.tensor([0.5, float("nan")]))
+    with pytest.raises(ValueError, match=r"temperature must lie in \(0, inf\)"):
+        PairDistillationLoss(temperature=0.0)
+    with pytest.raises(ValueError, match=r"pos_weight must lie in \(0, inf\)"):
+        PairBCELoss(pos_weight=-1.0)
+    x = torch.tensor([0.3, -2.0], dtype=torch.float64)
+    loss = PairBCELoss(reduction="none")(x, torch.tensor([1, 0]))
+    assert loss.dtype == torch.float64
+    expected = torch.stack([-torch.log(torch.sigmoid(x[0])), -torch.log(1 - torch.sigmoid(x[1]))])
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    assert PairDistillationLoss()(x, x.float()).dtype == torch.float64

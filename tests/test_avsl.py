@@ -238,6 +238,10 @@ def test_scorer_input_checks() -> None:
         pairwise_knn(scorer, 2, candidates=torch.full((5, 3), 6))
     with pytest.raises(ValueError, match="k=7 exceeds the 6 gallery items"):
         pairwise_knn(scorer, 7)
+    with pytest.raises(ValueError, match=r"gallery_ids must lie in \[0, 6\), got min -1"):
+        scorer.score_pairs(torch.tensor([0]), torch.tensor([-1]))  # not "the last gallery item"
+    with pytest.raises(TypeError, match="query_ids must be a 1-D integer tensor"):
+        scorer.score_pairs(torch.tensor([0.0]), torch.tensor([1]))
     with pytest.raises(ValueError, match=r"feature map 1 must be \(B, 4, H, W\)"):
         model.forward_features([torch.rand(1, 4, 4, 4), torch.rand(1, 5, 4, 4), torch.rand(1, 4, 2, 2)])
 
@@ -286,9 +290,10 @@ def test_margin_and_pairwise_losses() -> None:
     assert torch.isfinite(pairwise(model, model.forward_features(maps), labels).loss)
 
 
-def _official_files(model: AVSL, root: Path) -> None:
-    """Write ``model`` as the official code saves a run (three state dicts, the official key names)."""
-    state = model.state_dict()
+def write_official_run(model: AVSL, root: Path) -> None:
+    """Write ``model`` as the official code saves a run (three state dicts, the official key names); the docs
+    tests use it too."""
+    state, e = model.state_dict(), model.embed_dim
     trunk = {f"model.{k[len('trunk.') :]}": v for k, v in state.items() if k.startswith("trunk.")}
     assert model.trunk is not None
     trunk.update(
@@ -298,7 +303,7 @@ def _official_files(model: AVSL, root: Path) -> None:
     for lv in range(3):
         embedder[f"conv1x1_{lv}.weight"] = state[f"embedder.projections.{lv}.weight"]
         embedder[f"conv1x1_{lv}.bias"] = state[f"embedder.projections.{lv}.bias"]
-    collector = {"prob_coef_0": torch.ones(E), "prob_bias_0": torch.zeros(E), "proxy_0": torch.zeros(5, E)}
+    collector = {"prob_coef_0": torch.ones(e), "prob_bias_0": torch.zeros(e), "proxy_0": torch.zeros(5, e)}
     for lv in (1, 2):
         collector[f"prob_coef_{lv}"] = state["similarity.reliability_scale"][lv - 1]
         collector[f"prob_bias_{lv}"] = state["similarity.reliability_bias"][lv - 1]
@@ -314,7 +319,7 @@ def _official_files(model: AVSL, root: Path) -> None:
 def test_official_run_directory_loads(tmp_path: Path) -> None:
     source = create_model("avsl_resnet10", embed_dim=E, topk=4)
     _trained_like(source, seed=5)
-    _official_files(source, tmp_path)
+    write_official_run(source, tmp_path)
     loaded = create_model("avsl_resnet10", checkpoint=read_official_avsl(tmp_path), embed_dim=E, topk=4)
     images = torch.randn(3, 3, 64, 64)
     source.eval(), loaded.eval()

@@ -37,6 +37,15 @@ def test_pack_bits_matches_numpy_packbits() -> None:
     assert torch.equal(signs, bits.float() * 2 - 1)
 
 
+def test_models_never_import_descriptors() -> None:
+    """The model package owns what its models need (bit packing); descriptors build on models, not back."""
+    import subprocess
+    import sys
+
+    code = "import sys, objretrieval.models; assert 'objretrieval.descriptors' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_pack_bits_errors() -> None:
     with pytest.raises(ValueError, match="multiple of 8"):
         pack_bits(torch.ones(4, 12, dtype=torch.bool))
@@ -101,6 +110,18 @@ def test_descriptor_store_errors(tmp_path) -> None:
         store.write(1, torch.zeros(2, 3, 9))
     with pytest.raises(IndexError, match=r"indices must lie in \[0, 2\)"):
         store.read_rows([0, 2])
+    with pytest.raises(IndexError, match=r"indices must lie in \[0, 2\), got min -1"):
+        store.read([-1])  # not "the last image"
+    with pytest.raises(TypeError, match="indices must be integer image ids, got dtype float64"):
+        store.read([0.5])  # not image 0
+    with pytest.raises(TypeError, match="indices must be integer image ids, got dtype bool"):
+        store.read(np.array([True, False]))
+    for bad in (-1, 0):
+        with pytest.raises(ValueError, match=f"max_descriptors must be >= 1, got {bad}"):
+            store.read([0], max_descriptors=bad)
+        with pytest.raises(ValueError, match="max_descriptors must be >= 1"):
+            next(store.blocks(1, max_descriptors=bad))
+    assert store.read(torch.tensor([1, 0]))[0].shape == (2, 3, 4)  # tensors of ids work too
     store.close()
     with h5py.File(tmp_path / "z.h5", "w") as f:
         f.create_dataset("other", data=np.zeros(3))

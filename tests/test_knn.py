@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from objretrieval.search import knn
+from objretrieval.search import FaissOptions, knn
 
 METRICS = ["cosine", "ip", "l2"]
 
@@ -174,9 +174,9 @@ def test_faiss_approximate_indexes() -> None:
     gallery = (centers[rng.integers(0, 30, 3000)] + 0.3 * rng.standard_normal((3000, 16))).astype(np.float32)
     queries = torch.from_numpy(gallery[:50] + 0.05)
     exact = knn(queries, gallery, k=10)
-    exhaustive_ivf = knn(queries, gallery, k=10, backend="faiss", index="IVF16,Flat", nprobe=16)
+    exhaustive_ivf = knn(queries, gallery, k=10, backend="faiss", faiss=FaissOptions("IVF16,Flat", nprobe=16))
     assert torch.equal(exhaustive_ivf.indices, exact.indices)  # probing every list is exact
-    hnsw = knn(queries, gallery, k=10, backend="faiss", index="hnsw", ef_search=64)
+    hnsw = knn(queries, gallery, k=10, backend="faiss", faiss=FaissOptions("hnsw", ef_search=64))
     overlap = np.mean(
         [
             len(set(a) & set(b)) / 10
@@ -189,9 +189,7 @@ def test_faiss_approximate_indexes() -> None:
         iter([gallery[:1500], gallery[1500:]]),
         k=10,
         backend="faiss",
-        index="IVF16,Flat",
-        train_size=1000,
-        nprobe=4,
+        faiss=FaissOptions("IVF16,Flat", nprobe=4, train_size=1000),
     )  # one-shot iterable: trained on the first rows, read once
     assert ivf.indices.shape == (50, 10)
 

@@ -17,6 +17,7 @@ from objretrieval.metrics import (
     mean_average_precision,
     normalized_mutual_info,
     pairwise_f1,
+    ranks_exhaustive,
     revisited_map,
 )
 
@@ -296,3 +297,68 @@ def test_evaluator_on_cuda_matches_cpu() -> None:
         torch.from_numpy(x).cuda(), torch.from_numpy(y)
     )
     assert gpu.metrics == pytest.approx(cpu.metrics, abs=1e-12)
+
+
+# --- exhaustive ranks: block boundaries (issue 12: > 1024 queries raised a size mismatch) -------------------
+
+
+def brute_force_ranks(
+    queries: np.ndarray, q_labels: np.ndarray, gallery: np.ndarray, g_labels: np.ndarray, leave_one_out: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(order, relevant): full float64 ranking by (score desc, index asc) and the relevance along it."""
+    scores = queries.astype(np.float64) @ gallery.astype(np.float64).T
+    if leave_one_out:
+        np.fill_diagonal(scores, -np.inf)
+    order = np.argsort(-scores, axis=1, kind="stable")  # stable: ties keep the lower index first
+    if leave_one_out:
+        order = order[:, :-1]  # the query itself, ranked last at -inf
+    return order, g_labels[order] == q_labels[:, None]
+
+
+def brute_force_ap(relevant: np.ndarray) -> np.ndarray:
+    r = relevant.sum(axis=1)
+    precision = np.cumsum(relevant, axis=1) / np.arange(1, relevant.shape[1] + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(r > 0, (precision * relevant).sum(axis=1) / r, np.nan)
+
+
+@pytest.mark.parametrize("leave_one_out", [True, False])
+@pytest.mark.parametrize(
+    ("num_queries", "block_size", "query_block_size"), [(37, 5, 6), (50, 13, 7), (1, 3, 1)]
+)
+def test_exhaustive_ranks_at_odd_block_boundaries(
+    leave_one_out, num_queries, block_size, query_block_size
+) -> None:
+    x, y = clustered_integer_data(12, (1, 3, 4, 7), 4, seed=num_queries)
+    q, ql = x[:num_queries], y[:num_queries]
+    g, gl = (q, ql) if leave_one_out else (x[::-1].copy(), y[::-1].copy())
+    exclude = torch.arange(len(q)) if leave_one_out else None
+    ranks = ranks_exhaustive(
+        torch.from_numpy(q),
+        torch.from_numpy(ql),
+        torch.from_numpy(g),
+        torch.from_numpy(gl),
+        metric="ip",
+        exclude=exclude,
+        device=torch.device("cpu"),
+        block_size=block_size,
+        query_block_size=query_block_size,
+    )
+    _, relevant = brute_force_ranks(q, ql, g, gl, leave_one_out)
+    for i in range(len(q)):
+        expected = np.flatnonzero(relevant[i]) + 1
+        assert ranks.ranks[i][ranks.ranks[i] > 0].tolist() == expected.tolist()
+        assert int(ranks.num_relevant[i]) == len(expected)
+
+
+@pytest.mark.parametrize(("num_queries", "leave_one_out"), [(1025, True), (1100, True), (1025, False)])
+def test_map_beyond_one_query_block(num_queries: int, leave_one_out: bool) -> None:
+    rng = np.random.default_rng(num_queries)
+    q = rng.integers(-2, 3, (num_queries, 3)).astype(np.float32)  # integer scores: exact, many ties
+    ql = rng.integers(0, 40, num_queries)
+    args = (q, ql) if leave_one_out else (q, ql, q[:301], ql[:301])
+    g, gl = (q, ql) if leave_one_out else (q[:301], ql[:301])
+    result = RetrievalEvaluator(["map", "recall@2"], metric="ip", return_per_query=True)(*args)
+    _, relevant = brute_force_ranks(q, ql, g, gl, leave_one_out)
+    np.testing.assert_allclose(result.per_query["map"].numpy(), brute_force_ap(relevant), atol=1e-12)
+    np.testing.assert_allclose(result["map"], np.nanmean(brute_force_ap(relevant)), atol=1e-12)

@@ -443,3 +443,39 @@ def test_cuda_training_step_matches_cpu_forward() -> None:
     optimizer = torch.optim.Adam(mic.param_groups())
     stats = mic.training_step(optimizer, (images.cuda(), labels.cuda()), (images.cuda(), labels.cuda()))
     assert stats.class_loss is not None and np.isfinite(stats.class_loss)
+
+
+def test_builder_arguments_that_make_no_sense() -> None:
+    with pytest.raises(TypeError, match=r"'mic_resnet10' does not take an argument.*'embed_dim'"):
+        create_model("mic_resnet10", embed_dim=64)  # MIC's sizes are class_dim / shared_dim
+    with pytest.raises(ValueError, match="arch must be one of"):
+        create_model("mic_resnet10", arch="resnet9")
+    with pytest.raises(ValueError, match="shared_dim must be >= 1, got 0"):
+        _tiny(shared_dim=0)
+    with pytest.raises(TypeError, match="class_dim must be an int, got float"):
+        _tiny(class_dim=64.0)
+    with pytest.raises(ValueError, match="cluster_pool stride must be >= 1, got 0"):
+        _tiny(cluster_pool=(4, 0))
+    with pytest.raises(TypeError, match=r"cluster_pool must be a \(kernel, stride\) pair"):
+        _tiny(cluster_pool=4)
+    with pytest.raises(TypeError, match="trunk must be a ResNetTrunk"):
+        MIC(nn.Identity())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"mic_resnet50.default has no released weights.*checkpoint="):
+        create_model("mic_resnet50", pretrained=True)  # input metadata only: the authors released no weights
+
+
+def test_training_helpers_refuse_nonsense_arguments() -> None:
+    from objretrieval.training import clip_gradients_per_tensor, cosine_schedule, ema_update
+
+    params = [nn.Parameter(torch.ones(3))]
+    params[0].grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"max_norm must lie in \(0, inf\), got -1"):
+        clip_gradients_per_tensor(params, -1.0)  # would flip the gradient
+    with pytest.raises(ValueError, match=r"momentum must lie in \[0, 1\], got 1.5"):
+        ema_update(nn.Linear(2, 2), nn.Linear(2, 2), 1.5)
+    with pytest.raises(TypeError, match="epochs must be an int, got float"):
+        cosine_schedule(1.0, 0.0, 2.5, 10)
+    with pytest.raises(ValueError, match="warmup_epochs must be >= 0, got -1"):
+        cosine_schedule(1.0, 0.0, 2, 10, warmup_epochs=-1)
+    with pytest.raises(ValueError, match=r"warmup_epochs must be in \[0, epochs=2\], got 3"):
+        cosine_schedule(1.0, 0.0, 2, 10, warmup_epochs=3)

@@ -83,7 +83,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
         model(torch.randn(1, 2, 3, 28, 28), torch.zeros(1, 2))
     with pytest.raises(ValueError, match=r"mask must have shape \(1, 2\)"):
         model(torch.randn(1, 2, 3, 28, 28), torch.zeros(1, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match="at least one image"):
+    with pytest.raises(ValueError, match="mask: set 0 is entirely padding"):
         model.aggregate(torch.randn(2, 2, 32), torch.tensor([[True, True], [False, True]]))
     with pytest.raises(ValueError, match="exactly one of images and features"):
         model.update(None)
@@ -91,6 +91,41 @@ def test_bad_inputs_raise_clear_errors() -> None:
         model.update(torch.randn(2, 32), features=torch.randn(3, 32))
     with pytest.raises(RuntimeError, match="no head"):
         model.project(torch.randn(1, 32))
+
+
+def test_non_finite_inputs_and_fully_padded_sets_raise_naming_the_set() -> None:
+    """One rule on every entry point: NaN/inf in a real image or embedding, or a set of padding only, raises."""
+    model = tiny_mile()
+    images = torch.randn(3, 2, 3, 28, 28)
+    images[1, 1, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"images contains NaN or inf values \(first at row 1\)"):
+        model(images)
+    with pytest.raises(ValueError, match=r"images contains NaN or inf values \(first at row 1\)"):
+        model.encode_sets(images)
+    with pytest.raises(ValueError, match=r"images contains NaN or inf values \(first at row 1\)"):
+        model.update(None, images[:, 1])
+    padded_nan = torch.tensor([[False, False], [False, True], [False, False]])
+    assert torch.isfinite(model(images, padded_nan)).all()  # the NaN image is padding: never read
+
+    all_padded = torch.tensor([[False, False], [False, False], [True, True]])
+    for call in (model, model.encode_sets):
+        with pytest.raises(ValueError, match="mask: set 2 is entirely padding"):
+            call(images.nan_to_num(), all_padded)
+
+    features = torch.randn(3, 2, 32)
+    features[2, 0, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"features contains NaN or inf values \(first at row 2\)"):
+        model.aggregate(features)
+    torch.testing.assert_close(  # a padded inf slot is skipped like any padding
+        model.aggregate(features, torch.tensor([[False, False], [False, False], [True, False]]))[2],
+        features[2, 1],
+    )
+    with pytest.raises(ValueError, match=r"features contains NaN or inf values \(first at row 2\)"):
+        model.update(None, features=features[:, 0])
+    latent = torch.randn(3, 32)
+    latent[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"latent contains NaN or inf values \(first at row 0\)"):
+        model.update(latent, features=features[:, 1])
 
 
 def test_merge_lora_keeps_the_output() -> None:
@@ -188,6 +223,35 @@ def test_dino_loss_centre_and_errors() -> None:
         loss(torch.randn(12, 9), t, epoch=0)
     with pytest.raises(ValueError, match="not a multiple of ncrops"):
         loss(torch.randn(10, 8), t, epoch=0)
+    bad_student, bad_teacher = s.clone(), t.clone()
+    bad_student[5, 2], bad_teacher[4, 0] = float("nan"), float("-inf")
+    with pytest.raises(ValueError, match=r"student_output contains NaN or inf values \(first at row 5\)"):
+        loss(bad_student, t, epoch=0)
+    with pytest.raises(ValueError, match=r"teacher_output contains NaN or inf values \(first at row 4\)"):
+        loss(s, bad_teacher, epoch=0)
+    with pytest.raises(ValueError, match=r"student_temp must lie in \(0, inf\)"):
+        DINOLoss(8, ncrops=4, student_temp=0.0)
+    with pytest.raises(ValueError, match=r"center_momentum must lie in \[0, 1\]"):
+        DINOLoss(8, ncrops=4, center_momentum=1.5)
+    with pytest.raises(ValueError, match="ncrops must be >= 2"):
+        DINOLoss(8, ncrops=1)
+
+
+def test_dino_loss_dtype_rule_float64_stays_float64_half_computes_in_float32() -> None:
+    g = torch.Generator().manual_seed(0)
+    s, t = (
+        torch.randn(12, 8, generator=g, dtype=torch.float64),
+        torch.randn(6, 8, generator=g, dtype=torch.float64),
+    )
+    targets = torch.softmax(t / 0.07, dim=-1).chunk(2)
+    log_probs = torch.log_softmax(s / 0.1, dim=-1).chunk(4)
+    terms = [(-q * log_probs[v]).sum(-1).mean() for iq, q in enumerate(targets) for v in range(4) if v != iq]
+    value = DINOLoss(8, ncrops=4, epochs=1)(s, t, epoch=0)
+    assert value.dtype == torch.float64
+    torch.testing.assert_close(value, torch.stack(terms).mean(), rtol=1e-12, atol=1e-12)
+    half = DINOLoss(8, ncrops=4, epochs=1)(s.bfloat16(), t.bfloat16(), epoch=0)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half.double(), value, rtol=0.05, atol=0.05)  # bfloat16 inputs: 8-bit mantissa
 
 
 def test_parameter_groups_clipping_and_ema() -> None:
@@ -253,6 +317,16 @@ def test_training_step_trains_the_student_lora_and_moves_the_teacher_by_ema() ->
         ssl(MultiCropSetBatch(torch.randn(2, 3, 28, 28)), epoch=0)
     with pytest.raises(ValueError, match="needs a DINO head"):
         MILESelfSupervised(tiny_mile(), DINOLoss(32, ncrops=4))
+    bad_local = batch.local_crops.clone()
+    bad_local[1, 0, 1, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"local_crops contains NaN or inf values \(first at row 1\)"):
+        ssl(MultiCropSetBatch(batch.global_crops, bad_local, batch.mask), epoch=0)
+    bad_global = batch.global_crops.clone()
+    bad_global[0, 2] = float("nan")  # image 2 of object 0 is padding: ignored
+    ssl(MultiCropSetBatch(bad_global, batch.local_crops, batch.mask), epoch=0)
+    empty = torch.tensor([[False, False, False], [True, True, True]])
+    with pytest.raises(ValueError, match="mask: object 1 is entirely padding"):
+        ssl(MultiCropSetBatch(batch.global_crops, batch.local_crops, empty), epoch=0)
 
 
 @pytest.mark.cuda

@@ -16,22 +16,34 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from objretrieval._validation import check_positive_int
 from objretrieval.descriptors.local import HEADER, split_rows
 
 PathLike = str | os.PathLike[str]
 
 
-def _read_sorted(dataset: h5py.Dataset, indices: Sequence[int] | np.ndarray, limit: int | None) -> np.ndarray:
+def _read_sorted(
+    dataset: h5py.Dataset, indices: Sequence[int] | np.ndarray | Tensor, limit: int | None
+) -> np.ndarray:
     """Rows ``dataset[indices, :limit]`` in the requested order (h5py wants sorted unique indices)."""
-    indices = np.asarray(indices, dtype=np.int64)
-    if indices.ndim != 1:
-        raise ValueError(f"indices must be 1-D, got shape {indices.shape}")
-    if indices.size and (indices.min() < 0 or indices.max() >= dataset.shape[0]):
+    array = np.asarray(indices.cpu() if isinstance(indices, Tensor) else indices)
+    if array.ndim != 1:
+        raise ValueError(f"indices must be 1-D, got shape {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):  # 0.5 would silently read image 0
+        raise TypeError(f"indices must be integer image ids, got dtype {array.dtype}")
+    array = array.astype(np.int64)
+    if array.size and (array.min() < 0 or array.max() >= dataset.shape[0]):
         raise IndexError(
-            f"indices must lie in [0, {dataset.shape[0]}), got min {indices.min()}, max {indices.max()}"
+            f"indices must lie in [0, {dataset.shape[0]}), got min {array.min()}, max {array.max()}"
         )
-    unique, inverse = np.unique(indices, return_inverse=True)
+    if limit is not None:
+        check_positive_int(limit, "max_descriptors")
     window = slice(None, limit)
+    if array.size and np.array_equal(array, np.arange(array[0], array[0] + array.size)):
+        return dataset[
+            int(array[0]) : int(array[-1]) + 1, window
+        ]  # a block: one slice, not a point selection
+    unique, inverse = np.unique(array, return_inverse=True)
     return dataset[unique.tolist(), window][inverse] if unique.size else dataset[[], window]
 
 
@@ -144,6 +156,9 @@ class DescriptorStore(_H5Store):
         self, block_size: int = 256, max_descriptors: int | None = None
     ) -> Iterator[tuple[int, Tensor, Tensor]]:
         """Yield ``(start, descriptors, padding)`` for consecutive blocks of images."""
+        block_size = check_positive_int(block_size, "block_size")
+        if max_descriptors is not None:
+            check_positive_int(max_descriptors, "max_descriptors")
         for start in range(0, len(self), block_size):
             rows = torch.from_numpy(self.features[start : start + block_size, :max_descriptors])
             yield (start, *split_rows(rows))

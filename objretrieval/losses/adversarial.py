@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objretrieval._validation import check_embeddings
+from objretrieval._validation import check_embeddings, check_positive_int
+from objretrieval.precision import compute_dtype, full_precision, upcast
 
 
 class _GradientReversal(torch.autograd.Function):
@@ -45,7 +46,9 @@ class AdversarialDecorrelationLoss(nn.Module):
 
     def __init__(self, class_dim: int, aux_dim: int, proj_dim: int = 512) -> None:
         super().__init__()
-        self.class_dim, self.aux_dim = class_dim, aux_dim
+        self.class_dim = class_dim = check_positive_int(class_dim, "class_dim")
+        self.aux_dim = aux_dim = check_positive_int(aux_dim, "aux_dim")
+        proj_dim = check_positive_int(proj_dim, "proj_dim")
         self.regressor = nn.Sequential(
             nn.Linear(aux_dim, proj_dim), nn.ReLU(), nn.Linear(proj_dim, class_dim)
         )
@@ -60,10 +63,10 @@ class AdversarialDecorrelationLoss(nn.Module):
             raise ValueError(
                 f"expected dims ({self.class_dim}, {self.aux_dim}), got ({c.shape[1]}, {s.shape[1]})"
             )
-        with torch.autocast(c.device.type, enabled=False):
-            dtype = torch.promote_types(c.dtype, torch.float32)
-            target = F.normalize(grad_reverse(c.to(dtype)), dim=-1)
-            source = F.normalize(grad_reverse(s.to(dtype)), dim=-1)
+        with full_precision(c.device):
+            dtype = compute_dtype(c, s)
+            target = F.normalize(grad_reverse(upcast(c, dtype)), dim=-1)
+            source = F.normalize(grad_reverse(upcast(s, dtype)), dim=-1)
             predicted = F.normalize(
                 self.regressor(source.to(next(self.regressor.parameters()).dtype)), dim=-1
             )

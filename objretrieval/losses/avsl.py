@@ -18,10 +18,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from objretrieval._validation import check_labels
+from objretrieval._validation import check_label_range, check_labels, check_number, check_positive_int
 from objretrieval.losses.base import masked_log1p_sum_exp
 from objretrieval.miners.distance_weighted import sample_rows
 from objretrieval.models.avsl import AVSL, AttributableSimilarity, AVSLFeatures, LevelDistances
+from objretrieval.precision import full_precision, upcast
 
 #: Level weights (w_0, w_1, w_2) of the authors' run scripts.
 AVSL_LEVEL_WEIGHTS: dict[str, tuple[float, float, float]] = {
@@ -79,17 +80,38 @@ def proxy_anchor_distance_loss(
     return pos_loss + neg_term.mean()
 
 
+def _proxy_anchor_margins(
+    pos_margin: float, neg_margin: float, alpha: float, prefix: str = ""
+) -> tuple[float, float, float]:
+    """Checked (delta_p, delta_n, alpha) of a Proxy-Anchor loss on squared distances in [0, 4]."""
+    return (
+        check_number(pos_margin, f"{prefix}pos_margin", low=0.0, high=4.0),
+        check_number(neg_margin, f"{prefix}neg_margin", low=0.0, high=4.0),
+        check_number(alpha, f"{prefix}alpha", low=0.0, low_open=True),
+    )
+
+
 class _AVSLLoss(nn.Module):
-    """Shared plumbing: input checks, the level weights and the weighted total."""
+    """Shared plumbing: input checks, the level weights and the weighted total.
+
+    Attributes:
+        last_parts: the unweighted terms of the last call (detached): ``final``, ``level0``, ``level1``, ...
+            (the same as the returned :class:`AVSLLossOutput`; the convention every multi-term loss follows).
+    """
+
+    #: labels index per-class parameters (proxies, margins) and must lie in [0, num_classes)
+    num_classes: int | None = None
 
     def __init__(self, num_levels: int, level_weights: Sequence[float]) -> None:
         super().__init__()
+        num_levels = check_positive_int(num_levels, "num_levels")
         if len(level_weights) != num_levels:
             raise ValueError(
                 f"level_weights needs {num_levels} entries (one per level), got {list(level_weights)}"
             )
         self.num_levels = num_levels
-        self.level_weights = tuple(float(w) for w in level_weights)
+        self.level_weights = tuple(check_number(w, "level_weights", low=0.0) for w in level_weights)
+        self.last_parts: dict[str, Tensor] = {}
 
     def _labels(self, features: AVSLFeatures, labels: Tensor) -> Tensor:
         if len(features.embeddings) != self.num_levels:
@@ -97,10 +119,16 @@ class _AVSLLoss(nn.Module):
                 f"features have {len(features.embeddings)} levels, this loss expects {self.num_levels}"
             )
         y = check_labels(labels, "labels", len(features), "features")
+        if self.num_classes is not None:
+            check_label_range(y, "labels", self.num_classes)
         return y.to(features.embeddings[0].device)
 
     def _total(self, final: Tensor, levels: Sequence[Tensor]) -> AVSLLossOutput:
         total = final + sum(w * lv for w, lv in zip(self.level_weights, levels, strict=True))
+        self.last_parts = {
+            "final": final.detach(),
+            **{f"level{i}": lv.detach() for i, lv in enumerate(levels)},
+        }
         return AVSLLossOutput(total, final, tuple(levels))
 
 
@@ -128,6 +156,8 @@ class AVSLProxyAnchorLoss(_AVSLLoss):
         max_all_proxies: above this many classes, use only the batch's classes.
     """
 
+    num_classes: int
+
     def __init__(
         self,
         num_classes: int,
@@ -143,12 +173,14 @@ class AVSLProxyAnchorLoss(_AVSLLoss):
         max_all_proxies: int = 1000,
     ) -> None:
         super().__init__(num_levels, level_weights)
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.num_classes, self.max_all_proxies = int(num_classes), int(max_all_proxies)
-        self.level_margins = (float(pos_margin), float(neg_margin), float(alpha))
-        self.final_margins = (float(final_pos_margin), float(final_neg_margin), float(final_alpha))
-        self.proxies = nn.Parameter(torch.empty(num_levels, num_classes, embed_dim))
+        self.num_classes = check_positive_int(num_classes, "num_classes")
+        self.max_all_proxies = check_positive_int(max_all_proxies, "max_all_proxies")
+        self.level_margins = _proxy_anchor_margins(pos_margin, neg_margin, alpha)
+        self.final_margins = _proxy_anchor_margins(
+            final_pos_margin, final_neg_margin, final_alpha, prefix="final_"
+        )
+        embed_dim = check_positive_int(embed_dim, "embed_dim")
+        self.proxies = nn.Parameter(torch.empty(num_levels, self.num_classes, embed_dim))
         for proxy in self.proxies.data:  # the official init, per level
             nn.init.kaiming_normal_(proxy, a=math.sqrt(5))
 
@@ -172,10 +204,6 @@ class AVSLProxyAnchorLoss(_AVSLLoss):
             proxy_labels = torch.arange(self.num_classes, device=y.device)
         else:
             proxy_labels = torch.unique(y)
-        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
-            raise ValueError(
-                f"labels must lie in [0, num_classes={self.num_classes}), got min {int(y.min())}, max {int(y.max())}"
-            )
         proxies = self.proxies[:, proxy_labels].to(features.embeddings[0].dtype)
         proxy_features = AVSLFeatures(
             tuple(proxies.unbind(0)),
@@ -188,11 +216,11 @@ class AVSLProxyAnchorLoss(_AVSLLoss):
     ) -> AVSLLossOutput:
         """Args: the model (its similarity graph), the batch's training-mode features, (B,) labels."""
         matrices, proxy_labels = self.distances(model, features, labels)
-        y = labels.to(proxy_labels.device)
-        with torch.autocast(y.device.type, enabled=False):
-            final = proxy_anchor_distance_loss(matrices.final.float(), y, proxy_labels, *self.final_margins)
+        y = self._labels(features, labels)
+        with full_precision(y.device):
+            final = proxy_anchor_distance_loss(upcast(matrices.final), y, proxy_labels, *self.final_margins)
             levels = [
-                proxy_anchor_distance_loss(d.float(), y, proxy_labels, *self.level_margins)
+                proxy_anchor_distance_loss(upcast(d), y, proxy_labels, *self.level_margins)
                 for d in matrices.levels
             ]
         return self._total(final, levels)
@@ -213,16 +241,16 @@ class AVSLPairwiseProxyAnchorLoss(_AVSLLoss):
         alpha: float = 16.0,
     ) -> None:
         super().__init__(num_levels, level_weights)
-        self.margins = (float(pos_margin), float(neg_margin), float(alpha))
+        self.margins = _proxy_anchor_margins(pos_margin, neg_margin, alpha)
 
     def forward(
         self, model: AVSL | AttributableSimilarity, features: AVSLFeatures, labels: Tensor
     ) -> AVSLLossOutput:
         y = self._labels(features, labels)
         matrices = _similarity(model)(features, features)
-        with torch.autocast(y.device.type, enabled=False):
+        with full_precision(y.device):
             parts = [
-                proxy_anchor_distance_loss(d.float(), y, y, *self.margins, exclude_diagonal=True)
+                proxy_anchor_distance_loss(upcast(d), y, y, *self.margins, exclude_diagonal=True)
                 for d in (matrices.final, *matrices.levels)
             ]
         return self._total(parts[0], parts[1:])
@@ -246,6 +274,8 @@ class AVSLMarginLoss(_AVSLLoss):
         generator: random generator for the positives.
     """
 
+    num_classes: int
+
     def __init__(
         self,
         num_classes: int,
@@ -257,9 +287,12 @@ class AVSLMarginLoss(_AVSLLoss):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(num_levels, level_weights)
-        self.num_classes = int(num_classes)
-        self.margin, self.hardneg_cutoff, self.generator = float(margin), float(hardneg_cutoff), generator
-        self.beta = nn.Parameter(torch.full((num_levels + 1, num_classes), float(beta)))  # final first
+        self.num_classes = check_positive_int(num_classes, "num_classes")
+        self.margin = check_number(margin, "margin")
+        self.hardneg_cutoff = check_number(hardneg_cutoff, "hardneg_cutoff", low=0.0)
+        self.generator = generator
+        beta = check_number(beta, "beta", low=0.0, low_open=True)
+        self.beta = nn.Parameter(torch.full((num_levels + 1, self.num_classes), beta))  # final first
 
     def _margin(self, d: Tensor, y: Tensor, beta: Tensor) -> Tensor:
         same = y[:, None] == y[None, :]
@@ -283,14 +316,15 @@ class AVSLMarginLoss(_AVSLLoss):
         self, model: AVSL | AttributableSimilarity, features: AVSLFeatures, labels: Tensor
     ) -> AVSLLossOutput:
         y = self._labels(features, labels)
-        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
+        if bool((y == y[0]).all()):
             raise ValueError(
-                f"labels must lie in [0, num_classes={self.num_classes}), got min {int(y.min())}, max {int(y.max())}"
+                f"labels: all {y.shape[0]} samples share one class; AVSLMarginLoss needs a negative for "
+                "every anchor, so at least two classes in a batch"
             )
         matrices = _similarity(model)(features, features)
-        with torch.autocast(y.device.type, enabled=False):
+        with full_precision(y.device):
             parts = [
-                self._margin(d.float(), y, self.beta[i].float())
+                self._margin(upcast(d), y, self.beta[i])
                 for i, d in enumerate((matrices.final, *matrices.levels))
             ]
         return self._total(parts[0], parts[1:])

@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from objretrieval.batch import PairBatch, self_similarity
+from objretrieval._validation import check_number, check_positive_int
+from objretrieval.batch import LabelComparison, PairBatch, self_similarity
 from objretrieval.losses.base import MetricLoss
 from objretrieval.losses.contrastive import margin_contrastive, similarity_regularizer
 
@@ -47,8 +48,9 @@ def contextual_similarity(similarity: Tensor, k: int = 4, eps: float = 0.05, slo
     Args:
         similarity: (N, N) cosine similarities of a batch with itself.
         k: neighbourhood size (2 <= k <= N).
-        eps: distance slack of the neighbourhood.
-        slope: gradient of the hard neighbourhood masks.
+        eps: distance slack of the neighbourhood, >= 0 (a negative slack can leave a row without
+            neighbours, and J undefined).
+        slope: gradient of the hard neighbourhood masks, > 0.
 
     Returns:
         (N, N) symmetric J with values in [0, 1].
@@ -58,6 +60,8 @@ def contextual_similarity(similarity: Tensor, k: int = 4, eps: float = 0.05, slo
         raise ValueError(f"similarity must be square (N, N), got {tuple(similarity.shape)}")
     if not 2 <= k <= n:
         raise ValueError(f"k must be in [2, batch size {n}], got {k}")
+    check_number(eps, "eps", low=0.0)
+    check_number(slope, "slope", low=0.0, low_open=True)
     closeness = -(2.0 - 2.0 * similarity).clamp(min=0.0)
     nearest = closeness.topk(k, dim=1).values.detach()
     neighbours = _StraightThroughStep.apply(closeness + eps, nearest[:, k - 1 : k], slope)
@@ -114,6 +118,7 @@ class ContextualLoss(MetricLoss):
         neg_margin: similarity negative pairs should stay below (contrastive term).
         reg_target: target mean similarity of the regulariser.
         slope: straight-through gradient of the neighbourhood masks.
+        label_comparison: optional ``(labels, ref_labels) -> (N, M) bool`` "same class" matrix.
     """
 
     supports_ref: ClassVar[bool] = False
@@ -146,17 +151,29 @@ class ContextualLoss(MetricLoss):
         neg_margin: float = 0.6,
         reg_target: float = 0.25,
         slope: float = 10.0,
+        *,
+        label_comparison: LabelComparison | None = None,
     ) -> None:
-        super().__init__()
-        if k < 2:
-            raise ValueError(f"k must be >= 2, got {k}")
-        self.k, self.eps, self.slope = int(k), float(eps), float(slope)
+        super().__init__(label_comparison=label_comparison)
+        self.k = check_positive_int(k, "k", minimum=2)
+        self.eps = check_number(eps, "eps", low=0.0)
+        self.slope = check_number(slope, "slope", low=0.0, low_open=True)
         self.context_weight, self.contrastive_weight, self.reg_weight = (
-            context_weight,
-            contrastive_weight,
-            reg_weight,
+            check_number(w, name, low=0.0)
+            for w, name in (
+                (context_weight, "context_weight"),
+                (contrastive_weight, "contrastive_weight"),
+                (reg_weight, "reg_weight"),
+            )
         )
-        self.pos_margin, self.neg_margin, self.reg_target = pos_margin, neg_margin, reg_target
+        self.pos_margin, self.neg_margin, self.reg_target = (
+            check_number(v, name, low=-1.0, high=1.0)
+            for v, name in (
+                (pos_margin, "pos_margin"),
+                (neg_margin, "neg_margin"),
+                (reg_target, "reg_target"),
+            )
+        )
 
     @classmethod
     def from_preset(cls, name: str, **overrides: float) -> ContextualLoss:
@@ -165,7 +182,7 @@ class ContextualLoss(MetricLoss):
             raise ValueError(f"unknown preset {name!r}; available: {sorted(cls.PRESETS)}")
         return cls(**{**cls.PRESETS[name], **overrides})  # type: ignore[arg-type]
 
-    def components(self, batch: PairBatch) -> dict[str, Tensor]:
+    def compute_parts(self, batch: PairBatch) -> dict[str, Tensor]:
         """The unweighted terms ``context``, ``contrastive`` and ``reg`` of a batch."""
         s = batch.similarity
         contrastive = margin_contrastive(
@@ -181,7 +198,8 @@ class ContextualLoss(MetricLoss):
     def compute_loss(self, batch: PairBatch) -> Tensor:
         if batch.embeddings.shape[0] < self.k:
             raise ValueError(f"embeddings: a batch of {batch.embeddings.shape[0]} is smaller than k={self.k}")
-        terms = self.components(batch)
+        terms = self.compute_parts(batch)
+        self.record_parts(terms)
         return (
             self.context_weight * terms["context"]
             + self.contrastive_weight * terms["contrastive"]

@@ -7,42 +7,73 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from objretrieval.losses.base import MetricLoss, PairBatch
+from objretrieval._validation import check_choice, check_number
+from objretrieval.batch import LabelComparison, PairCounts
+from objretrieval.losses.base import MetricLoss, PairBatch, Reduction, reduction_divisor
+
+
+def _half(active: Tensor, mask: Tensor, hinge: Tensor, weight: Tensor | None, reduction: Reduction):
+    """Sum of one half's hinges and its divisor; ``weight`` counts repeated mined pairs."""
+    if weight is None:
+        # count_nonzero is an order of magnitude faster than summing a bool tensor (which converts to int64)
+        total = torch.where(active, hinge, 0.0).sum()  # the hinges themselves: no cancellation in float32
+        num_nonzero = torch.count_nonzero(active).to(hinge.dtype)
+        num_all = torch.count_nonzero(mask).to(hinge.dtype) if reduction == "mean" else 0
+    else:
+        w = weight.to(hinge.dtype)
+        total = torch.where(active, w * hinge, 0.0).sum()
+        num_nonzero = torch.where(active, w, 0.0).sum()
+        num_all = torch.where(mask, w, 0.0).sum() if reduction == "mean" else 0
+    return total, reduction_divisor(reduction, num_nonzero, num_all)
 
 
 class _MarginContrastive(torch.autograd.Function):
-    """The margin contrastive loss with its closed-form gradient: -1/n+ on violating positive pairs, +1/n- on
-    violating negative pairs. Two passes over the (N, M) matrix instead of autograd's chain of temporaries."""
+    """The margin contrastive loss with its closed-form gradient: -w/n+ on violating positive pairs, +w/n- on
+    violating negative pairs (w: multiplicity, n: divisor). Two passes over the (N, M) matrix instead of
+    autograd's chain of temporaries."""
 
     @staticmethod
     def forward(
-        ctx: Any, s: Tensor, positive: Tensor, negative: Tensor, pos_margin: float, neg_margin: float
+        ctx: Any,
+        s: Tensor,
+        positive: Tensor,
+        negative: Tensor,
+        pos_margin: float,
+        neg_margin: float,
+        reduction: Reduction,
+        pos_weight: Tensor | None,
+        neg_weight: Tensor | None,
     ) -> Tensor:
         pos_active = positive & (s < pos_margin)
         neg_active = negative & (s > neg_margin)
-        # count_nonzero is an order of magnitude faster than summing a bool tensor (which converts to int64)
-        count_pos = torch.count_nonzero(pos_active).to(s.dtype)
-        count_neg = torch.count_nonzero(neg_active).to(s.dtype)
-        pos_sum = torch.where(pos_active, pos_margin - s, 0.0).sum()  # sums of the hinges themselves:
-        neg_sum = torch.where(neg_active, s - neg_margin, 0.0).sum()  # no cancellation in float32
-        n_pos, n_neg = count_pos.clamp(min=1), count_neg.clamp(min=1)
-        ctx.save_for_backward(pos_active, neg_active, n_pos, n_neg)
+        pos_sum, n_pos = _half(pos_active, positive, pos_margin - s, pos_weight, reduction)
+        neg_sum, n_neg = _half(neg_active, negative, s - neg_margin, neg_weight, reduction)
+        ctx.save_for_backward(pos_active, neg_active, n_pos, n_neg, pos_weight, neg_weight)
         return pos_sum / n_pos + neg_sum / n_neg
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
-        pos_active, neg_active, n_pos, n_neg = ctx.saved_tensors
-        weights = torch.where(pos_active, -grad / n_pos, torch.where(neg_active, grad / n_neg, 0.0))
-        return weights, None, None, None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        pos_active, neg_active, n_pos, n_neg, pos_weight, neg_weight = ctx.saved_tensors
+        pos_grad = -grad / n_pos if pos_weight is None else -grad * pos_weight / n_pos
+        neg_grad = grad / n_neg if neg_weight is None else grad * neg_weight / n_neg
+        weights = torch.where(pos_active, pos_grad, torch.where(neg_active, neg_grad, 0.0))
+        return weights, None, None, None, None, None, None, None
 
 
 def margin_contrastive(
-    similarity: Tensor, positive: Tensor, negative: Tensor, pos_margin: float, neg_margin: float
+    similarity: Tensor,
+    positive: Tensor,
+    negative: Tensor,
+    pos_margin: float,
+    neg_margin: float,
+    reduction: Reduction = "mean_nonzero",
+    pair_counts: PairCounts | None = None,
 ) -> Tensor | None:
-    """Mean hinge over the violating positive pairs plus the same over the violating negative pairs.
+    """Hinges of the positive pairs below ``pos_margin`` plus those of the negative pairs above ``neg_margin``.
 
-    Positive pairs are penalised below ``pos_margin``, negative pairs above ``neg_margin``; each half is
-    averaged over its currently violating pairs (a half with none contributes 0).
+    Each half is reduced on its own (see :data:`~objretrieval.losses.base.Reduction`): by default averaged
+    over its currently violating pairs (a half with none contributes 0), as pytorch-metric-learning's
+    ``ContrastiveLoss`` with its default ``AvgNonZeroReducer``.
 
     Args:
         similarity: (N, M) cosine similarities.
@@ -50,14 +81,27 @@ def margin_contrastive(
         negative: (N, M) bool mask of negative pairs.
         pos_margin: similarity positives should exceed.
         neg_margin: similarity negatives should stay below.
+        reduction: ``"mean_nonzero"``, ``"mean"`` (over all pairs of the half) or ``"sum"``.
+        pair_counts: optional (N, M) multiplicities of the positive and negative pairs (repeated mined pairs
+            count that many times, as in PML's pair losses).
 
     Returns:
         The scalar loss, or None when the masks select no pair at all.
     """
     if not bool(positive.any()) and not bool(negative.any()):
         return None
-    # the denominators (numbers of currently violating pairs) carry no gradient
-    return _MarginContrastive.apply(similarity, positive, negative, float(pos_margin), float(neg_margin))
+    pos_weight, neg_weight = (None, None) if pair_counts is None else pair_counts
+    # the divisors (numbers of pairs) carry no gradient
+    return _MarginContrastive.apply(
+        similarity,
+        positive,
+        negative,
+        float(pos_margin),
+        float(neg_margin),
+        reduction,
+        pos_weight,
+        neg_weight,
+    )
 
 
 def similarity_regularizer(similarity: Tensor, target: float) -> Tensor:
@@ -72,17 +116,37 @@ class ContrastiveLoss(MetricLoss):
     excluded). The defaults 0.9 / 0.6 are the "Contrastive" baseline of Liao et al. (ICML 2023). This equals
     pytorch-metric-learning's ``ContrastiveLoss(pos_margin, neg_margin, distance=CosineSimilarity())``.
 
+    Mined triplets are used as their pairs (a-p positive, a-n negative); a pair mined several times counts
+    that many times, as in PML.
+
     Args:
-        pos_margin: similarity positive pairs should exceed.
-        neg_margin: similarity negative pairs should stay below.
+        pos_margin: similarity positive pairs should exceed, in [-1, 1].
+        neg_margin: similarity negative pairs should stay below, in [-1, 1].
+        reduction: per half, ``"mean_nonzero"`` (over the violating pairs), ``"mean"`` (over all its pairs,
+            PML's ``MeanReducer``) or ``"sum"``.
+        label_comparison: optional ``(labels, ref_labels) -> (N, M) bool`` "same class" matrix.
     """
 
-    def __init__(self, pos_margin: float = 0.9, neg_margin: float = 0.6) -> None:
-        super().__init__()
-        self.pos_margin = pos_margin
-        self.neg_margin = neg_margin
+    def __init__(
+        self,
+        pos_margin: float = 0.9,
+        neg_margin: float = 0.6,
+        *,
+        reduction: Reduction = "mean_nonzero",
+        label_comparison: LabelComparison | None = None,
+    ) -> None:
+        super().__init__(label_comparison=label_comparison)
+        self.pos_margin = check_number(pos_margin, "pos_margin", low=-1.0, high=1.0)
+        self.neg_margin = check_number(neg_margin, "neg_margin", low=-1.0, high=1.0)
+        self.reduction: Reduction = check_choice(reduction, "reduction", Reduction)
 
     def compute_loss(self, batch: PairBatch) -> Tensor | None:
         return margin_contrastive(
-            batch.similarity, batch.positive_mask, batch.negative_mask, self.pos_margin, self.neg_margin
+            batch.similarity,
+            batch.positive_mask,
+            batch.negative_mask,
+            self.pos_margin,
+            self.neg_margin,
+            self.reduction,
+            batch.pair_counts,
         )

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from objretrieval._validation import check_finite_values, check_number, check_positive_int
 from objretrieval.distributed import all_reduce_sum_, world_size
+from objretrieval.precision import compute_dtype, full_precision, upcast
 
 
 def teacher_temperature_schedule(
@@ -49,8 +51,9 @@ class DINOLoss(nn.Module):
 
     Call: ``loss(student_output, teacher_output, epoch)`` with crop-major rows (row ``c * B + b`` is view c
     of object b): student (ncrops * B, K) and teacher (n_global * B, K), where the teacher's views are the
-    student's first ``n_global``. Computed in float32 with autocast off. Updates :attr:`center` in training
-    mode (a fresh loss module starts from a zero centre).
+    student's first ``n_global``. Computed in float32 (float64 if an input is float64) with autocast off.
+    Non-finite outputs raise, naming the argument and row. Updates :attr:`center` in training mode (a fresh
+    loss module starts from a zero centre).
     """
 
     center: Tensor
@@ -68,12 +71,17 @@ class DINOLoss(nn.Module):
         center_momentum: float = 0.9,
     ) -> None:
         super().__init__()
-        if ncrops < 2:
-            raise ValueError(f"ncrops must be >= 2 (at least two views to compare), got {ncrops}")
-        self.out_dim, self.ncrops = out_dim, ncrops
-        self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.out_dim = check_positive_int(out_dim, "out_dim")
+        self.ncrops = check_positive_int(ncrops, "ncrops", minimum=2)  # at least two views to compare
+        self.student_temp = check_number(student_temp, "student_temp", low=0, low_open=True)
+        self.center_momentum = check_number(center_momentum, "center_momentum", low=0, high=1)
+        for value, name in ((warmup_teacher_temp, "warmup_teacher_temp"), (teacher_temp, "teacher_temp")):
+            check_number(value, name, low=0, low_open=True)
         self.teacher_temp_schedule = teacher_temperature_schedule(
-            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs
+            warmup_teacher_temp,
+            teacher_temp,
+            warmup_teacher_temp_epochs,
+            check_positive_int(epochs, "epochs"),
         )
         self.register_buffer("center", torch.zeros(1, out_dim))
 
@@ -101,11 +109,14 @@ class DINOLoss(nn.Module):
         n_global = t_rows // batch
         if not 1 <= n_global <= self.ncrops:
             raise ValueError(f"teacher_output has {n_global} views per object; expected 1..{self.ncrops}")
+        check_finite_values(student_output, "student_output")
+        check_finite_values(teacher_output, "teacher_output")
         temp = self.teacher_temperature(epoch)
-        with torch.autocast(student_output.device.type, enabled=False):
-            teacher = teacher_output.detach().float()
-            targets = F.softmax((teacher - self.center) / temp, dim=-1).view(n_global, batch, -1)
-            log_probs = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
+        dtype = compute_dtype(student_output, teacher_output)
+        with full_precision(student_output.device):
+            teacher = upcast(teacher_output.detach(), dtype)
+            targets = F.softmax((teacher - self.center.to(dtype)) / temp, dim=-1).view(n_global, batch, -1)
+            log_probs = F.log_softmax(upcast(student_output, dtype) / self.student_temp, dim=-1)
             log_probs = log_probs.view(self.ncrops, batch, -1)
             # cross[g, v] = mean_b sum_k -targets[g, b, k] * log_probs[v, b, k]
             cross = -torch.einsum("gbk,vbk->gv", targets, log_probs) / batch
@@ -118,7 +129,7 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_output: Tensor) -> None:
         """EMA of the teacher's batch mean (all-reduced across processes)."""
-        total = teacher_output.float().sum(dim=0, keepdim=True)
+        total = upcast(teacher_output, self.center.dtype).sum(dim=0, keepdim=True)
         all_reduce_sum_(total)
         count = teacher_output.shape[0] * world_size()
         self.center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)

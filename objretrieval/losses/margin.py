@@ -7,8 +7,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from objretrieval._validation import check_choice
-from objretrieval.batch import MinedTriplets
+from objretrieval._validation import check_choice, check_number, check_positive_int
+from objretrieval.batch import LabelComparison, MinedPairs, MinedTriplets
 from objretrieval.losses.base import PairBatch, ParametricLoss
 
 Normalizer = Literal["active_terms", "active_triplets"]
@@ -19,8 +19,9 @@ class MarginLoss(ParametricLoss):
 
     ``beta_a`` is the margin of the anchor's class (learnable, one per class, starting at ``beta``); distances
     are ``sqrt(||x - y||^2 + 1e-8)``. Triplets come from a miner (MIC uses
-    :class:`~objretrieval.miners.DistanceWeightedMiner`); without one, every valid triplet of the batch is
-    used, computed in O(B^2) because the two terms separate.
+    :class:`~objretrieval.miners.DistanceWeightedMiner`); mined pairs give the triplets of an anchor's mined
+    positive and negative pairs (as PML); without either, every valid triplet of the batch is used, computed
+    in O(B^2) because the two terms separate.
 
     The sum is divided by the number of active terms, ``#(pos > 0) + #(neg > 0)``, as in the paper's code on
     torch 1.0 (with which MIC's numbers were produced). On torch >= 1.2 the official code counts triplets
@@ -34,9 +35,11 @@ class MarginLoss(ParametricLoss):
         learn_beta: learn one margin per class; if False, beta is a constant and num_classes is not needed.
         normalizer: ``"active_terms"`` or ``"active_triplets"`` (see above).
         normalize_embeddings: L2-normalise first (MIC's network already outputs unit vectors).
+        label_comparison: optional ``(labels, ref_labels) -> (N, M) bool`` "same class" matrix (the margin
+            beta_a is still the anchor's own label's).
     """
 
-    accepts_mined: ClassVar[tuple[type, ...]] = (MinedTriplets,)
+    accepts_mined: ClassVar[tuple[type, ...]] = (MinedPairs, MinedTriplets)
     default_lr_multiplier: ClassVar[float] = 50.0  # MIC: margins at 5e-4 for a 1e-5 network learning rate
     weight_decay: ClassVar[float | None] = 0.0
 
@@ -49,11 +52,19 @@ class MarginLoss(ParametricLoss):
         learn_beta: bool = True,
         normalizer: Normalizer = "active_terms",
         normalize_embeddings: bool = True,
+        *,
+        label_comparison: LabelComparison | None = None,
     ) -> None:
-        super().__init__(normalize_embeddings=normalize_embeddings)
-        if learn_beta and (num_classes is None or num_classes < 1):
+        super().__init__(normalize_embeddings=normalize_embeddings, label_comparison=label_comparison)
+        if learn_beta and num_classes is None:
             raise ValueError("num_classes (>= 1) is required to learn per-class margins (learn_beta=True)")
-        self.margin, self.nu, self.learn_beta = float(margin), float(nu), learn_beta
+        if num_classes is not None:
+            num_classes = check_positive_int(num_classes, "num_classes")
+        self.margin = check_number(margin, "margin")
+        self.nu = check_number(nu, "nu", low=0.0)
+        beta = check_number(beta, "beta", low=0.0, low_open=True)
+        self.learn_beta = learn_beta
+        self.indexes_classes = learn_beta  # labels index the per-class margins
         self.normalizer: Normalizer = check_choice(
             normalizer,
             "normalizer",
@@ -66,14 +77,9 @@ class MarginLoss(ParametricLoss):
             self.register_buffer("beta", torch.tensor(float(beta)))
 
     def _anchor_beta(self, labels: Tensor, dtype: torch.dtype) -> Tensor:
+        """Each anchor's margin (labels were range-checked by the base class when margins are learnt)."""
         if not self.learn_beta:
             return self.beta.to(dtype).expand_as(labels)
-        assert self.num_classes is not None
-        if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
-            raise ValueError(
-                f"labels must lie in [0, num_classes={self.num_classes}), got min "
-                f"{int(labels.min())}, max {int(labels.max())}"
-            )
         return self.beta.to(dtype)[labels]
 
     def compute_loss(self, batch: PairBatch) -> Tensor | None:

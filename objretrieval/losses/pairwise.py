@@ -4,7 +4,8 @@ The AMES paper trains the full-precision model with binary cross-entropy on pair
 student with the same loss plus distillation from the full-precision teacher's logits; the official repository
 ships neither. :class:`PairBCELoss` is the former, :class:`PairDistillationLoss` the combination.
 
-Both compute in float32 with autocast disabled, so they are safe inside a mixed-precision training step.
+Both follow the library's dtype rule (:mod:`objretrieval.precision`): float32, or float64 for float64 logits,
+with autocast disabled, so they are safe inside a mixed-precision training step. NaN/inf logits are refused.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objretrieval._validation import check_choice
+from objretrieval._validation import check_choice, check_finite_values, check_number
+from objretrieval.precision import compute_dtype, full_precision, upcast
 
 Reduction = Literal["mean", "sum", "none"]
 
@@ -29,6 +31,7 @@ def _check_logits(logits: object, name: str) -> Tensor:
         )
     if not logits.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {logits.dtype}")
+    check_finite_values(logits[:, None], name)  # one row per pair: the error names the pair
     return logits
 
 
@@ -40,13 +43,14 @@ def _check_targets(targets: object, logits: Tensor, name: str) -> Tensor:
             f"{name} must have the logits' shape {tuple(logits.shape)}, got {tuple(targets.shape)}"
         )
     targets = targets.to(logits.device)
+    dtype = compute_dtype(logits)
     if targets.dtype == torch.bool:
-        return targets.float()
-    if targets.is_floating_point() and not ((targets >= 0) & (targets <= 1)).all():
+        return targets.to(dtype)
+    if targets.is_floating_point() and not ((targets >= 0) & (targets <= 1)).all():  # NaN fails this too
         raise ValueError(f"{name} must lie in [0, 1] (1 = matching pair)")
     if not targets.is_floating_point() and not ((targets == 0) | (targets == 1)).all():
         raise ValueError(f"integer {name} must be 0 or 1 (1 = matching pair)")
-    return targets.float()
+    return targets.to(dtype)
 
 
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
@@ -66,21 +70,18 @@ class PairBCELoss(nn.Module):
 
     def __init__(self, pos_weight: float | None = None, reduction: Reduction = "mean") -> None:
         super().__init__()
-        if pos_weight is not None and pos_weight <= 0:
-            raise ValueError(f"pos_weight must be positive, got {pos_weight}")
-        self.pos_weight = pos_weight
+        self.pos_weight = (
+            None if pos_weight is None else check_number(pos_weight, "pos_weight", low=0.0, low_open=True)
+        )
         self.reduction = check_choice(reduction, "reduction", ("mean", "sum", "none"))
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         logits = _check_logits(logits, "logits")
         targets = _check_targets(targets, logits, "targets")
-        with torch.autocast(logits.device.type, enabled=False):
-            pos_weight = (
-                None if self.pos_weight is None else logits.new_tensor(self.pos_weight, dtype=torch.float32)
-            )
-            loss = F.binary_cross_entropy_with_logits(
-                logits.float(), targets, pos_weight=pos_weight, reduction="none"
-            )
+        with full_precision(logits.device):
+            x = upcast(logits)
+            pos_weight = None if self.pos_weight is None else x.new_tensor(self.pos_weight)
+            loss = F.binary_cross_entropy_with_logits(x, targets, pos_weight=pos_weight, reduction="none")
         return _reduce(loss, self.reduction)
 
 
@@ -111,11 +112,10 @@ class PairDistillationLoss(nn.Module):
         reduction: Reduction = "mean",
     ) -> None:
         super().__init__()
-        if not 0.0 <= alpha <= 1.0:
+        if not 0.0 <= alpha <= 1.0:  # NaN too; the message is what tests/test_losses.py matches
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        self.alpha, self.temperature = alpha, temperature
+        self.alpha = float(alpha)
+        self.temperature = check_number(temperature, "temperature", low=0.0, low_open=True)
         self.kind = check_choice(kind, "kind", ("soft_bce", "mse"))
         self.reduction = check_choice(reduction, "reduction", ("mean", "sum", "none"))
         self.hard = PairBCELoss(pos_weight, reduction="none")
@@ -128,8 +128,9 @@ class PairDistillationLoss(nn.Module):
                 f"teacher must have the student's shape {tuple(student.shape)}, got {tuple(teacher.shape)}"
             )
         t = self.temperature
-        with torch.autocast(student.device.type, enabled=False):
-            s, te = student.float() / t, teacher.detach().to(student.device).float() / t
+        with full_precision(student.device):
+            dtype = compute_dtype(student, teacher)
+            s, te = upcast(student, dtype) / t, upcast(teacher.detach().to(student.device), dtype) / t
             if self.kind == "soft_bce":
                 soft = F.binary_cross_entropy_with_logits(s, torch.sigmoid(te), reduction="none")
             else:

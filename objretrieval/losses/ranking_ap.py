@@ -12,7 +12,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from objretrieval._validation import check_choice
+from objretrieval._validation import check_choice, check_number
+from objretrieval.batch import LabelComparison
 from objretrieval.losses.base import MetricLoss, PairBatch
 from objretrieval.losses.contrastive import margin_contrastive
 
@@ -64,7 +65,8 @@ def ranking_average_precision(
     Returns:
         (N,) AP per query; NaN for a query with no relevant item in its list.
     """
-    check_choice(rank, "rank", ("smooth", "sup", "exact"))
+    check_choice(rank, "rank", RankApproximation)
+    check_number(tau, "tau", low=0.0, low_open=True)  # tau = 0: a 0/0 step, every AP undefined
     n = similarity.shape[0]
     eye = torch.eye(n, dtype=torch.bool, device=similarity.device)
     in_list = torch.ones_like(eye) if rank_query_itself else ~eye
@@ -99,17 +101,25 @@ class SmoothAPLoss(MetricLoss):
     """``1 - mean AP`` with the sigmoid-smoothed rank of Smooth-AP.
 
     Args:
-        tau: sigmoid temperature.
+        tau: sigmoid temperature, > 0.
         rank_query_itself: reproduce the reference code, which ranks each query in its own list (see
             :func:`ranking_average_precision`).
+        label_comparison: optional ``(labels, ref_labels) -> (N, M) bool`` "same class" matrix.
     """
 
     supports_ref: ClassVar[bool] = False
     accepts_mined: ClassVar[tuple[type, ...]] = ()
 
-    def __init__(self, tau: float = 0.01, rank_query_itself: bool = False) -> None:
-        super().__init__()
-        self.tau, self.rank_query_itself = float(tau), rank_query_itself
+    def __init__(
+        self,
+        tau: float = 0.01,
+        rank_query_itself: bool = False,
+        *,
+        label_comparison: LabelComparison | None = None,
+    ) -> None:
+        super().__init__(label_comparison=label_comparison)
+        self.tau = check_number(tau, "tau", low=0.0, low_open=True)
+        self.rank_query_itself = rank_query_itself
 
     def compute_loss(self, batch: PairBatch) -> Tensor | None:
         ap = ranking_average_precision(
@@ -129,15 +139,17 @@ class ROADMAPLoss(MetricLoss):
     gives SupAP alone.
 
     Args:
-        lam: weight of the contrastive term.
-        tau: SupAP's sigmoid temperature (see :func:`ranking_average_precision` for it and the next four).
-        rho: slope of the linear upper bound.
-        delta: start of the linear upper bound.
+        lam: weight of the contrastive term, in [0, 1].
+        tau: SupAP's sigmoid temperature, > 0 (see :func:`ranking_average_precision` for it and the next
+            four).
+        rho: slope of the linear upper bound, >= 0.
+        delta: start of the linear upper bound, >= 0.
         offset: intercept of the linear upper bound.
-        start: shift of the sigmoid on (0, delta].
-        pos_margin: similarity positive pairs should exceed (contrastive term).
-        neg_margin: similarity negative pairs should stay below (contrastive term).
+        start: shift of the sigmoid on (0, delta], >= 0.
+        pos_margin: similarity positive pairs should exceed (contrastive term), in [-1, 1].
+        neg_margin: similarity negative pairs should stay below (contrastive term), in [-1, 1].
         rank_query_itself: reproduce the reference code's ranking of each query in its own list.
+        label_comparison: optional ``(labels, ref_labels) -> (N, M) bool`` "same class" matrix.
     """
 
     supports_ref: ClassVar[bool] = False
@@ -154,14 +166,23 @@ class ROADMAPLoss(MetricLoss):
         pos_margin: float = 0.9,
         neg_margin: float = 0.6,
         rank_query_itself: bool = False,
+        *,
+        label_comparison: LabelComparison | None = None,
     ) -> None:
-        super().__init__()
-        self.lam = float(lam)
-        self.sup = dict(tau=tau, rho=rho, delta=delta, offset=offset, start=start)
-        self.pos_margin, self.neg_margin = pos_margin, neg_margin
+        super().__init__(label_comparison=label_comparison)
+        self.lam = check_number(lam, "lam", low=0.0, high=1.0)
+        self.sup = dict(
+            tau=check_number(tau, "tau", low=0.0, low_open=True),
+            rho=check_number(rho, "rho", low=0.0),
+            delta=check_number(delta, "delta", low=0.0),
+            offset=check_number(offset, "offset"),
+            start=check_number(start, "start", low=0.0),
+        )
+        self.pos_margin = check_number(pos_margin, "pos_margin", low=-1.0, high=1.0)
+        self.neg_margin = check_number(neg_margin, "neg_margin", low=-1.0, high=1.0)
         self.rank_query_itself = rank_query_itself
 
-    def components(self, batch: PairBatch) -> dict[str, Tensor | None]:
+    def compute_parts(self, batch: PairBatch) -> dict[str, Tensor | None]:
         """The unweighted terms ``supap`` (1 - mean SupAP) and ``contrastive``."""
         ap = ranking_average_precision(
             batch.similarity,
@@ -176,7 +197,8 @@ class ROADMAPLoss(MetricLoss):
         return {"supap": _one_minus_map(ap), "contrastive": contrastive}
 
     def compute_loss(self, batch: PairBatch) -> Tensor | None:
-        terms = self.components(batch)
+        terms = self.compute_parts(batch)
+        self.record_parts(terms)
         if terms["supap"] is None or terms["contrastive"] is None:
             return None
         return (1.0 - self.lam) * terms["supap"] + self.lam * terms["contrastive"]

@@ -1,36 +1,42 @@
-"""One object that turns embeddings (or a ranking) and labels into every retrieval metric at once."""
+"""One object that turns embeddings (or a ranking, or a pairwise scorer) and labels into every metric at once."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from objretrieval._validation import check_choice, check_embeddings, check_labels, check_ranking, to_tensor
-from objretrieval.metrics import retrieval
-from objretrieval.metrics.clustering import kmeans, normalized_mutual_info, pairwise_f1
-from objretrieval.metrics.ranks import RelevantRanks, count_relevant, ranks_exhaustive, ranks_from_ranking
+from objretrieval._validation import (
+    check_choice,
+    check_embeddings,
+    check_label_rows,
+    check_labels,
+    check_positive_int,
+    check_ranking,
+    to_tensor,
+)
+from objretrieval.metrics.clustering import kmeans
+from objretrieval.metrics.ranks import (
+    LabelComparison,
+    Relevance,
+    RelevantRanks,
+    already_checked,
+    ranks_exhaustive,
+    ranks_from_ranking,
+)
+from objretrieval.metrics.registry import NeighborLists, Request, resolve
 from objretrieval.metrics.retrieval import NoRelevantPolicy, reduce_queries
-from objretrieval.metrics.set_retrieval import average_recall_at_k
-from objretrieval.search import METRICS, Metric, knn
+from objretrieval.search import METRICS, Backend, FaissOptions, Metric, knn
+from objretrieval.search.faiss_backend import resolve_faiss_options
 from objretrieval.search.pairwise import PairwiseScorer, pairwise_knn
 from objretrieval.search.sources import BlockSource, GalleryLike
 
-_NAME = re.compile(
-    r"^(?:recall@(?P<recall>\d+)|map@(?P<map_k>\d+)|ar@(?P<ar>\d+)|precision@1|r_precision|map@r"
-    r"|map|nmi|nmi_geometric|f1)$"
-)
-_CLUSTERING = ("nmi", "nmi_geometric", "f1")
-_PER_QUERY: dict[str, Callable[[RelevantRanks], Tensor]] = {
-    "precision@1": retrieval.precision_at_1,
-    "r_precision": retrieval.r_precision,
-    "map@r": retrieval.map_at_r,
-    "map": retrieval.average_precision,
-}
+#: How per-query values become one number: the mean over queries, or the mean over query classes of the
+#: per-class means (pytorch-metric-learning's ``avg_of_avgs``).
+Average = Literal["query", "class"]
 
 
 @dataclass(frozen=True)
@@ -59,39 +65,19 @@ class RetrievalResult:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class _Metric:
-    name: str
-    k: int | None  # the K of recall@K, map@K and ar@K
-
-
-def _parse(names: Sequence[str]) -> list[_Metric]:
-    parsed = []
-    for name in names:
-        m = _NAME.match(name)
-        if m is None:
-            raise ValueError(
-                f"unknown metric {name!r}; expected recall@K, precision@1, r_precision, map@r, map, map@K, "
-                "ar@K, nmi, nmi_geometric or f1"
-            )
-        k = next((int(v) for v in m.groupdict().values() if v is not None), None)
-        if k is not None and k < 1:
-            raise ValueError(f"{name!r}: K must be >= 1")
-        parsed.append(_Metric(name, k))
-    return parsed
-
-
 class RetrievalEvaluator:
-    """Evaluate retrieval on one set (leave-one-out) or a query set against a gallery.
+    """Evaluate retrieval on one set (leave-one-out), a query set against a gallery, a ranking or a scorer.
 
-    Metric names: ``recall@K`` (hit if any of the top K shares the query's label), ``precision@1``,
-    ``r_precision``, ``map@r`` (MAP@R), ``map`` (AP over the full ranking), ``map@K`` (AP over the top K,
-    normalised by min(R, K), as GLDv2's mAP@100), ``ar@K`` (MILE's average of Recall@1..K per query class),
-    ``nmi`` and ``nmi_geometric`` (k-means with k = number of query classes; arithmetic / geometric
-    normalisation) and ``f1`` (pairwise F-measure of that clustering).
+    Metric names are the rows of the metric table (:func:`~objretrieval.metrics.list_metrics`; add one with
+    :func:`~objretrieval.metrics.register_metric`): ``recall@K`` (hit if any of the top K is relevant),
+    ``precision@1``, ``r_precision``, ``map@r`` (MAP@R), ``map`` (AP over the full ranking), ``map@K`` (AP over
+    the top K, normalised by min(R, K), as GLDv2's mAP@100), ``mrr`` / ``mrr@K`` (mean reciprocal rank of the
+    first relevant item), ``ar@K`` (MILE's average of Recall@1..K per query class), ``nmi``,
+    ``nmi_geometric`` and ``ami`` (k-means with k = number of query classes; arithmetic / geometric NMI,
+    adjusted MI) and ``f1`` (pairwise F-measure of that clustering).
 
-    Ranking metrics run on an exact streamed kNN of just the depth they need (``map`` on an exhaustive
-    streamed count), so memory stays O(Q x depth). Ties rank the lower gallery index first.
+    Ranking metrics run on an exact streamed kNN of just the depth they need (``map`` and ``mrr`` on an
+    exhaustive streamed count), so memory stays O(Q x depth). Ties rank the lower gallery index first.
 
     Queries with no relevant gallery item (under leave-one-out, every sample of a single-sample class) have
     undefined scores. ``no_relevant="exclude"`` (the default, as PML and the revisited protocol) leaves them
@@ -99,11 +85,18 @@ class RetrievalEvaluator:
     :attr:`RetrievalResult.num_without_relevant` reports how many there were.
 
     Args:
-        metrics: names to compute.
+        metrics: names to compute (at least one).
         metric: similarity for ranking: ``"cosine"``, ``"ip"`` or ``"l2"``.
         no_relevant: policy for queries without relevant items.
+        average: ``"query"`` (mean over queries) or ``"class"`` (mean over query classes of the per-class
+            means, PML's ``avg_of_avgs``) for the ranking metrics.
+        label_comparison_fn: custom relevance, PML's ``label_comparison_fn(query_labels, gallery_labels)``:
+            the two arguments broadcast, e.g. (q, 1, *) against (1, g, *), and it returns their (q, g) bool
+            relevance. Labels may then be (N, L), e.g. hierarchical levels. Ranking metrics only.
         return_per_query: fill :attr:`RetrievalResult.per_query`.
         backend: kNN backend, ``"torch"`` or ``"faiss"`` (see :func:`objretrieval.search.knn`).
+        faiss: :class:`~objretrieval.search.FaissOptions` of the faiss backend (only with ``backend="faiss"``;
+            default an exact flat index).
         block_size: gallery rows per block.
         device: where to search; default the queries' device.
         progress: show progress bars.
@@ -116,24 +109,41 @@ class RetrievalEvaluator:
         *,
         metric: Metric = "cosine",
         no_relevant: NoRelevantPolicy = "exclude",
+        average: Average = "query",
+        label_comparison_fn: LabelComparison | None = None,
         return_per_query: bool = False,
-        backend: str = "torch",
+        backend: Backend = "torch",
+        faiss: FaissOptions | None = None,
         block_size: int = 4096,
         device: torch.device | str | None = None,
         progress: bool = False,
         kmeans_seed: int = 1234,
     ) -> None:
-        self.metrics = _parse((metrics,) if isinstance(metrics, str) else metrics)
+        names = [metrics] if isinstance(metrics, str) else list(metrics)
+        if not names:
+            raise ValueError("metrics is empty: name at least one metric, e.g. ['recall@1', 'map@r']")
+        self.metrics: list[Request] = [resolve(name) for name in names]
         self.metric: Metric = check_choice(metric, "metric", METRICS)
-        self.no_relevant: NoRelevantPolicy = check_choice(
-            no_relevant, "no_relevant", ("exclude", "zero", "error")
-        )
+        self.no_relevant: NoRelevantPolicy = check_choice(no_relevant, "no_relevant", NoRelevantPolicy)
+        self.average: Average = check_choice(average, "average", Average)
+        if label_comparison_fn is not None:
+            if not callable(label_comparison_fn):
+                raise TypeError(
+                    f"label_comparison_fn must be callable, got {type(label_comparison_fn).__name__}"
+                )
+            by_equality = [r.name for r in self.metrics if r.spec.needs != "ranks"]
+            if by_equality:
+                raise ValueError(
+                    f"label_comparison_fn applies to ranking metrics; {by_equality} compare labels by equality"
+                )
+        self.label_comparison_fn = label_comparison_fn
         self.return_per_query = return_per_query
-        self.backend = check_choice(backend, "backend", ("torch", "faiss"))
-        self.block_size = block_size
-        self.device = device
+        self.backend: Backend = check_choice(backend, "backend", Backend)
+        self.faiss = resolve_faiss_options(self.backend, faiss)
+        self.block_size = check_positive_int(block_size, "block_size")
+        self.device = None if device is None else torch.device(device)
         self.progress = progress
-        self.kmeans_seed = kmeans_seed
+        self.kmeans_seed = check_positive_int(kmeans_seed, "kmeans_seed", minimum=0)
 
     def __call__(
         self, queries: Any, query_labels: Any, gallery: GalleryLike | None = None, gallery_labels: Any = None
@@ -142,59 +152,38 @@ class RetrievalEvaluator:
 
         Args:
             queries: (Q, D) query embeddings.
-            query_labels: (Q,) integer labels.
+            query_labels: (Q,) integer labels ((Q, L) with a ``label_comparison_fn``).
             gallery: (N, D) gallery embeddings (any source :func:`~objretrieval.search.knn` takes), or None to
                 evaluate the queries against each other, each query's own row excluded.
             gallery_labels: (N,) integer labels; required with ``gallery``, forbidden without.
         """
         q = check_embeddings(queries, "queries")
-        ql = check_labels(query_labels, "query_labels", q.shape[0], "queries")
-        source = None if gallery is None else BlockSource(gallery, "gallery", self.block_size)
-        gl, exclude = self._gallery_labels(ql, source, gallery_labels)
-        num_relevant = count_relevant(ql, gl, exclude)
-        device = torch.device(self.device) if self.device is not None else q.device
-        names = {m.name for m in self.metrics}
-
-        ranks = None
-        if "map" in names:
-            ranks = ranks_exhaustive(
-                q,
-                ql,
-                source if source is not None else q,
-                gl,
-                metric=self.metric,
-                exclude=exclude,
-                device=device,
-                block_size=self.block_size,
-                progress=self.progress,
-            )
-        scores = indices = None
-        depth = self._knn_depth(num_relevant, exhaustive=ranks is not None)
-        if depth:
-            scores, indices = knn(
-                q,
-                source,
-                k=depth,
-                metric=self.metric,
-                backend=self.backend,
-                block_size=self.block_size,
-                device=device,
-                progress=self.progress,
-            )
-            scores, indices = scores.cpu(), indices.cpu()
-            if ranks is None:
-                ranks = ranks_from_ranking(indices, ql, gl, num_relevant)
-        clustering = None
-        if names & set(_CLUSTERING):
-            if source is None:
-                clustering = (q, ql)
-            else:
-                clustering = (torch.cat([q.float(), _materialise(source)]), torch.cat([ql, gl]))
-        if source is not None and source.num_rows != gl.shape[0]:  # iterables reveal their length only now
+        if gallery is None and gallery_labels is not None:
             raise ValueError(
-                f"gallery_labels has {gl.shape[0]} entries but the gallery has {source.num_rows} rows"
+                "gallery_labels given without a gallery: pass both, or neither for leave-one-out"
             )
-        return self._finish(ranks, scores, indices, ql, gl, num_relevant, clustering)
+        if gallery is not None and gallery_labels is None:
+            raise ValueError("gallery given without gallery_labels")
+        source = None if gallery is None else BlockSource(gallery, "gallery", self.block_size)
+        relevance = self._relevance(
+            query_labels, gallery_labels, q.shape[0], "queries", None if source is None else source.num_rows
+        )
+        num_relevant = relevance.count()
+        device = self.device if self.device is not None else q.device
+        ranks, found = self._search(q, source, relevance, num_relevant, device)
+        clustering = None
+        if any(r.spec.needs == "clustering" for r in self.metrics):
+            if source is None:
+                clustering = (q, relevance.query_labels)
+            else:
+                embeddings = torch.cat([q.float(), _materialise(source)])
+                clustering = (embeddings, torch.cat([relevance.query_labels, relevance.gallery_labels]))
+        num_gallery = relevance.gallery_labels.shape[0]
+        if source is not None and source.num_rows != num_gallery:  # iterables reveal their length only now
+            raise ValueError(
+                f"gallery_labels has {num_gallery} entries but the gallery has {source.num_rows} rows"
+            )
+        return self._finish(ranks, found, relevance, num_relevant, clustering)
 
     def from_ranking(
         self, ranking: Any, query_labels: Any, gallery_labels: Any = None, *, scores: Any = None
@@ -203,25 +192,23 @@ class RetrievalEvaluator:
 
         Args:
             ranking: (Q, K) gallery ids, best first; -1 marks an empty slot. Metrics needing more depth than K
-                raise. With ``gallery_labels=None`` the gallery is the query set, and no row may list its own
-                query.
+                raise (``map`` and ``mrr`` need every gallery item ranked). With ``gallery_labels=None`` the
+                gallery is the query set, and no row may list its own query.
             query_labels: (Q,) integer labels.
             gallery_labels: (N,) integer labels, or None for leave-one-out on the queries.
             scores: (Q, K) scores along the ranking; needed only for ``ar@K`` with several queries per class.
         """
-        if any(m.name in _CLUSTERING for m in self.metrics):
-            raise ValueError("nmi, nmi_geometric and f1 cluster the embeddings: call the evaluator on them")
+        self._refuse_clustering("cluster the embeddings: call the evaluator on them")
         r = check_ranking(ranking, "ranking")
-        ql = check_labels(query_labels, "query_labels", r.shape[0], "ranking")
-        if gallery_labels is None:
-            gl, exclude = ql, torch.arange(ql.shape[0])
-        else:
-            gl, exclude = check_labels(gallery_labels, "gallery_labels"), None
-        _check_ranking_ids(r, gl.shape[0], exclude)
-        num_relevant = count_relevant(ql, gl, exclude)
-        ranks = ranks_from_ranking(r, ql, gl, num_relevant)
+        relevance = self._relevance(query_labels, gallery_labels, r.shape[0], "ranking", None)
+        num_gallery = relevance.gallery_labels.shape[0]
+        _check_ranking_ids(r, num_gallery, relevance.exclude)
+        num_relevant = relevance.count()
+        ranks = self._ranks_of(r, relevance, num_relevant)
+        whole = r.shape[1] >= _available(relevance) and bool((r >= 0).all())
         s = None if scores is None else to_tensor(scores, "scores")
-        return self._finish(ranks, s, r, ql, gl, num_relevant, None)
+        found = NeighborLists(s, r, relevance.query_labels, relevance.gallery_labels, self.metric != "l2")
+        return self._finish(ranks, found, relevance, num_relevant, None, whole=whole)
 
     def from_scorer(
         self,
@@ -233,11 +220,11 @@ class RetrievalEvaluator:
         query_block_size: int = 32,
         gallery_block_size: int = 32,
     ) -> RetrievalResult:
-        """Evaluate a pairwise scorer (e.g. :class:`~objretrieval.models.AVSLScorer`), streamed in blocks.
+        """Evaluate a pairwise scorer (any :class:`~objretrieval.search.PairwiseScorer`), streamed in blocks.
 
         The ranking comes from :func:`~objretrieval.search.pairwise_knn` to the depth the metrics need, so
-        memory is O(Q x depth) plus one block (``map`` ranks the whole gallery: O(Q x N)). Clustering metrics
-        need embeddings and are refused.
+        memory is O(Q x depth) plus one block (``map`` and ``mrr`` rank the whole gallery: O(Q x N)).
+        Clustering metrics need embeddings and are refused.
 
         Args:
             scorer: scores queries against gallery items, higher is better.
@@ -245,32 +232,29 @@ class RetrievalEvaluator:
             gallery_labels: (N,) labels, or None when the gallery is the query set (leave-one-out, self
                 excluded).
             candidates: optional (Q, S) shortlist of gallery ids to rescore instead of ranking the whole gallery
-                (:func:`~objretrieval.search.pairwise_knn`); metrics then see only the shortlist.
+                (:func:`~objretrieval.search.pairwise_knn`); metrics then see only the shortlist, items outside
+                it ranked last.
             query_block_size: queries per block of the exhaustive walk.
             gallery_block_size: gallery items per block.
         """
-        if any(m.name in _CLUSTERING for m in self.metrics):
-            raise ValueError("nmi, nmi_geometric and f1 cluster embeddings: a pairwise scorer has none")
-        ql = check_labels(query_labels, "query_labels", scorer.num_queries, "scorer queries")
-        leave_one_out = gallery_labels is None
-        if leave_one_out:
-            if scorer.num_gallery != scorer.num_queries:
-                raise ValueError(
-                    f"gallery_labels is required: the scorer's gallery has {scorer.num_gallery} items "
-                    f"and its queries {scorer.num_queries}"
-                )
-            gl, exclude = ql, torch.arange(ql.shape[0])
-        else:
-            gl, exclude = (
-                check_labels(gallery_labels, "gallery_labels", scorer.num_gallery, "scorer gallery"),
-                None,
+        self._refuse_clustering("cluster embeddings: a pairwise scorer has none")
+        if not isinstance(scorer, PairwiseScorer):
+            raise TypeError(
+                f"scorer must follow the objretrieval.search.PairwiseScorer protocol, got {type(scorer).__name__}"
             )
-        num_relevant = count_relevant(ql, gl, exclude)
-        available = scorer.num_gallery - int(leave_one_out)
-        if any(m.name == "map" for m in self.metrics):
-            depth = available
-        else:
-            depth = self._knn_depth(num_relevant, exhaustive=False)
+        leave_one_out = gallery_labels is None
+        if leave_one_out and scorer.num_gallery != scorer.num_queries:
+            raise ValueError(
+                f"gallery_labels is required: the scorer's gallery has {scorer.num_gallery} items "
+                f"and its queries {scorer.num_queries}"
+            )
+        relevance = self._relevance(
+            query_labels, gallery_labels, scorer.num_queries, "scorer queries", scorer.num_gallery
+        )
+        num_relevant = relevance.count()
+        available = _available(relevance)
+        depth = self._depth(num_relevant)
+        depth = available if depth is None else max(depth, 1)
         if candidates is None:
             depth = min(depth, available)
         found = pairwise_knn(
@@ -283,95 +267,166 @@ class RetrievalEvaluator:
             progress=self.progress,
         )
         scores, indices = found.scores.cpu(), found.indices.cpu()
-        ranks = ranks_from_ranking(indices, ql, gl, num_relevant)
-        if candidates is None and depth == available:
-            ranks = RelevantRanks(ranks.ranks, ranks.num_relevant, None)  # the whole gallery was ranked
-        return self._finish(ranks, scores, indices, ql, gl, num_relevant, None, higher_is_better=True)
+        ranks = self._ranks_of(indices, relevance, num_relevant)
+        neighbors = NeighborLists(scores, indices, relevance.query_labels, relevance.gallery_labels, True)
+        # Every gallery item has a slot when depth >= available (with candidates: shortlisted ones ranked, the
+        # rest last), so the metrics over the whole ranking apply.
+        return self._finish(ranks, neighbors, relevance, num_relevant, None, whole=depth >= available)
 
-    def _gallery_labels(
-        self, ql: Tensor, source: BlockSource | None, gallery_labels: Any
-    ) -> tuple[Tensor, Tensor | None]:
-        """Gallery labels and the per-query excluded gallery index (leave-one-out excludes the query)."""
-        if source is None:
-            if gallery_labels is not None:
-                raise ValueError(
-                    "gallery_labels given without a gallery: pass both, or neither for leave-one-out"
-                )
-            return ql, torch.arange(ql.shape[0])
+    def _relevance(
+        self,
+        query_labels: Any,
+        gallery_labels: Any,
+        num_queries: int,
+        queries_what: str,
+        num_gallery: int | None,
+    ) -> Relevance:
+        """The labels as a :class:`Relevance`; ``gallery_labels=None`` is leave-one-out: each query's own row
+        is the gallery item it may not retrieve. The one place every entry point gets its labels from."""
+        check = check_labels if self.label_comparison_fn is None else check_label_rows
+        ql = check(query_labels, "query_labels", num_queries, queries_what)
         if gallery_labels is None:
-            raise ValueError("gallery given without gallery_labels")
-        return check_labels(gallery_labels, "gallery_labels", source.num_rows, "gallery"), None
+            return Relevance(ql, ql, torch.arange(ql.shape[0]), self.label_comparison_fn)
+        gl = check(
+            gallery_labels, "gallery_labels", num_gallery, "gallery" if num_gallery is not None else None
+        )
+        if gl.shape[1:] != ql.shape[1:]:
+            raise ValueError(
+                f"gallery_labels rows have shape {tuple(gl.shape[1:])} but query_labels rows {tuple(ql.shape[1:])}"
+            )
+        return Relevance(ql, gl, None, self.label_comparison_fn)
 
-    def _knn_depth(self, num_relevant: Tensor, exhaustive: bool) -> int:
-        """Neighbours the requested metrics need from a kNN search (0: no search needed)."""
-        depth = 0
-        for m in self.metrics:
-            if m.name.startswith("ar@"):  # needs the neighbours' scores, which exhaustive ranks lack
-                depth = max(depth, m.k or 0)
-            elif exhaustive or m.name in _CLUSTERING:
-                continue
-            elif m.name in ("r_precision", "map@r"):
-                depth = max(depth, int(num_relevant.max()), 1)
-            else:
-                depth = max(depth, m.k or 1)
-        return depth
+    def _depth(self, num_relevant: Tensor) -> int | None:
+        """The deepest ranking the metrics need: None for the whole gallery, 0 for no ranking at all."""
+        max_relevant = int(num_relevant.max())
+        depths = [r.depth(max_relevant) for r in self.metrics if r.spec.needs != "clustering"]
+        if any(d is None for d in depths):
+            return None
+        return max([d for d in depths if d is not None], default=0)
+
+    def _search(
+        self,
+        q: Tensor,
+        source: BlockSource | None,
+        relevance: Relevance,
+        num_relevant: Tensor,
+        device: torch.device,
+    ) -> tuple[RelevantRanks | None, NeighborLists | None]:
+        """Rank the gallery exactly as deep as the metrics need, reading it as few times as possible."""
+        ranks = None
+        if self._depth(num_relevant) is None:  # some metric needs the whole ranking: exact streamed count
+            ranks = ranks_exhaustive(
+                q,
+                relevance.query_labels,
+                source if source is not None else q,
+                relevance.gallery_labels,
+                metric=self.metric,
+                exclude=relevance.exclude,
+                device=device,
+                block_size=self.block_size,
+                progress=self.progress,
+                num_relevant=num_relevant,
+                label_comparison_fn=self.label_comparison_fn,
+            )
+            source = None if source is None else already_checked(source)
+        # Exhaustive ranks serve every ranking metric; a kNN is then needed only for neighbour lists.
+        max_relevant = int(num_relevant.max())
+        searched = [
+            r
+            for r in self.metrics
+            if r.spec.needs == "neighbors" or (r.spec.needs == "ranks" and ranks is None)
+        ]
+        depth = max((r.depth(max_relevant) or 0 for r in searched), default=0)
+        if not depth:
+            return ranks, None
+        scores, indices = knn(
+            q,
+            source,
+            k=depth,
+            metric=self.metric,
+            backend=self.backend,
+            faiss=self.faiss,
+            block_size=self.block_size,
+            device=device,
+            progress=self.progress,
+        )
+        scores, indices = scores.cpu(), indices.cpu()
+        if ranks is None:
+            ranks = self._ranks_of(indices, relevance, num_relevant)
+        found = NeighborLists(
+            scores, indices, relevance.query_labels, relevance.gallery_labels, self.metric != "l2"
+        )
+        return ranks, found
+
+    def _ranks_of(self, ranking: Tensor, relevance: Relevance, num_relevant: Tensor) -> RelevantRanks:
+        return ranks_from_ranking(
+            ranking,
+            relevance.query_labels,
+            relevance.gallery_labels,
+            num_relevant,
+            label_comparison_fn=self.label_comparison_fn,
+        )
+
+    def _refuse_clustering(self, why: str) -> None:
+        names = [r.name for r in self.metrics if r.spec.needs == "clustering"]
+        if names:
+            raise ValueError(f"{', '.join(names)} {why}")
 
     def _finish(
         self,
         ranks: RelevantRanks | None,
-        scores: Tensor | None,
-        indices: Tensor | None,
-        ql: Tensor,
-        gl: Tensor,
+        found: NeighborLists | None,
+        relevance: Relevance,
         num_relevant: Tensor,
         clustering: tuple[Tensor, Tensor] | None,
-        higher_is_better: bool | None = None,
+        whole: bool = False,
     ) -> RetrievalResult:
+        """Every requested metric from the search results; ``whole``: the ranking covers the whole gallery."""
         values: dict[str, float] = {}
         per_query: dict[str, Tensor] = {}
+        max_relevant = int(num_relevant.max())
+        classes = relevance.classes() if self.average == "class" else None
         assignment = None
-        for m in self.metrics:
-            if m.name in _CLUSTERING:
+        for r in self.metrics:
+            if r.spec.needs == "clustering":
                 assert clustering is not None
                 embeddings, labels = clustering
                 if assignment is None:
-                    assignment, _ = kmeans(embeddings, int(torch.unique(ql).numel()), seed=self.kmeans_seed)
-                values[m.name] = _clustering_score(m.name)(assignment, labels)
-            elif m.name.startswith("ar@"):
-                assert indices is not None and m.k is not None
-                if indices.shape[1] < m.k:
-                    raise ValueError(f"{m.name} needs rankings at least {m.k} deep, got {indices.shape[1]}")
-                s = None if scores is None else scores[:, : m.k]
-                values[m.name] = average_recall_at_k(
-                    s,
-                    indices[:, : m.k],
-                    ql,
-                    gl,
-                    higher_is_better=self.metric != "l2" if higher_is_better is None else higher_is_better,
-                ).mean
-            else:
-                assert ranks is not None
-                v = _per_query(m, ranks)
-                values[m.name] = reduce_queries(v, self.no_relevant, m.name)
-                if self.return_per_query:
-                    per_query[m.name] = v
-        return RetrievalResult(values, per_query, int(ql.shape[0]), int((num_relevant == 0).sum()))
+                    num_classes = int(torch.unique(relevance.query_labels).numel())
+                    assignment, _ = kmeans(embeddings, num_classes, seed=self.kmeans_seed)
+                values[r.name] = float(r.spec.fn(assignment, labels))
+                continue
+            depth = r.depth(max_relevant)
+            if r.spec.needs == "neighbors":
+                assert found is not None and depth is not None
+                _check_depth(r.name, depth, found.indices.shape[1], whole)
+                values[r.name] = r.neighbors(found.truncate(depth))
+                continue
+            assert ranks is not None
+            _check_depth(r.name, depth, ranks.depth, whole)
+            v = r.per_query(ranks)
+            values[r.name] = reduce_queries(v, self.no_relevant, r.name, classes)
+            if self.return_per_query:
+                per_query[r.name] = v
+        num_queries = int(relevance.query_labels.shape[0])
+        return RetrievalResult(values, per_query, num_queries, int((num_relevant == 0).sum()))
 
 
-def _per_query(m: _Metric, ranks: RelevantRanks) -> Tensor:
-    if m.name.startswith("recall@"):
-        assert m.k is not None
-        return retrieval.recall_at_k(ranks, m.k)
-    if m.name.startswith("map@") and m.k is not None:
-        return retrieval.average_precision(ranks.truncate(m.k))
-    return _PER_QUERY[m.name](ranks)
+def _check_depth(name: str, needed: int | None, available: int | None, whole: bool) -> None:
+    """Refuse a metric the ranking is too shallow for, rather than computing a different one."""
+    if available is None or (needed is None and whole) or (needed is not None and needed <= available):
+        return
+    if needed is None:
+        raise ValueError(
+            f"{name} needs every gallery item ranked, but the rankings stop at {available}; "
+            "use a truncated variant (e.g. map@K, mrr@K) or rank the whole gallery"
+        )
+    raise ValueError(f"{name} needs rankings at least {needed} deep, but they stop at {available}")
 
 
-def _clustering_score(name: str) -> Callable[[Tensor, Tensor], float]:
-    if name == "f1":
-        return pairwise_f1
-    average = "geometric" if name == "nmi_geometric" else "arithmetic"
-    return lambda pred, labels: normalized_mutual_info(pred, labels, average)  # type: ignore[arg-type]
+def _available(relevance: Relevance) -> int:
+    """Gallery items each query can retrieve."""
+    return relevance.gallery_labels.shape[0] - int(relevance.exclude is not None)
 
 
 def _materialise(source: BlockSource) -> Tensor:

@@ -1,13 +1,16 @@
 """Ranks of the relevant items: the one representation every ranking metric is computed from.
 
-Recall@K, precision@1, R-precision, MAP@R, mAP and the revisited Oxford/Paris AP are all functions of *where
-each query's relevant items landed* in its ranking. :class:`RelevantRanks` stores exactly that, O(Q x P) for P
-relevant items per query, whether it comes from a kNN shortlist, a precomputed ranking or an exhaustive
-streamed count over the whole gallery.
+Recall@K, precision@1, R-precision, MAP@R, mAP, MRR and the revisited Oxford/Paris AP are all functions of
+*where each query's relevant items landed* in its ranking. :class:`RelevantRanks` stores exactly that,
+O(Q x P) for P relevant items per query, whether it comes from a kNN shortlist, a precomputed ranking or an
+exhaustive streamed count over the whole gallery. :class:`Relevance` says which gallery items are relevant to
+which query (same label, or a custom label comparison), always evaluated block by block.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +19,105 @@ from torch import Tensor
 from objretrieval.search.scoring import Metric, iter_scores, prepare
 from objretrieval.search.sources import BlockSource, GalleryLike
 
+#: ``label_comparison_fn(query_labels, gallery_labels) -> bool``, pytorch-metric-learning's convention: the two
+#: arguments broadcast against each other (e.g. (q, 1, *) and (1, g, *)) and the result has their broadcast
+#: leading shape, (q, g). Example for (N, L) hierarchical labels, relevant = same coarse class:
+#: ``lambda a, b: a[..., 0] == b[..., 0]``.
+LabelComparison = Callable[[Tensor, Tensor], Tensor]
+
 # Bound on the (rows x gallery block x relevant items) comparison tensor of the exhaustive count.
 _COMPARE_BUDGET = 1 << 25
+# Label pairs handed to a custom comparison at once when counting relevant items.
+_LABEL_BUDGET = 1 << 22
+
+
+@dataclass(frozen=True)
+class Relevance:
+    """Which gallery items are relevant to each query.
+
+    Relevant means "same label" (1-D labels), or whatever ``label_comparison_fn`` says (labels may then be
+    (N, L), e.g. hierarchical levels). The comparison only ever sees blocks of query and gallery labels, never
+    the whole Q x N matrix.
+
+    Attributes:
+        query_labels: (Q,) or (Q, L) int64.
+        gallery_labels: (N,) or (N, L) int64.
+        exclude: optional (Q,) gallery index each query must not count (itself, under leave-one-out), -1 for
+            none.
+        label_comparison_fn: a :data:`LabelComparison`, or None for equality of 1-D labels.
+    """
+
+    query_labels: Tensor
+    gallery_labels: Tensor
+    exclude: Tensor | None = None
+    label_comparison_fn: LabelComparison | None = None
+
+    def to(self, device: torch.device) -> Relevance:
+        ex = None if self.exclude is None else self.exclude.to(device)
+        return Relevance(
+            self.query_labels.to(device), self.gallery_labels.to(device), ex, self.label_comparison_fn
+        )
+
+    def compare(self, query_labels: Tensor, gallery_labels: Tensor) -> Tensor:
+        """Relevance of broadcastable label tensors, e.g. (q, 1, *) against (1, g, *) -> (q, g) bool."""
+        if self.label_comparison_fn is None:
+            return query_labels == gallery_labels
+        expected = torch.broadcast_shapes(query_labels.shape[:2], gallery_labels.shape[:2])
+        out = self.label_comparison_fn(query_labels, gallery_labels)
+        if not isinstance(out, Tensor) or out.dtype != torch.bool or tuple(out.shape) != tuple(expected):
+            got = (
+                f"{out.dtype} of shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+            )
+            raise TypeError(
+                f"label_comparison_fn must return a bool tensor of shape {tuple(expected)} for labels of "
+                f"shapes {tuple(query_labels.shape)} and {tuple(gallery_labels.shape)}, got {got}"
+            )
+        return out
+
+    def block(self, row_start: int, num_rows: int, col_start: int, num_cols: int) -> Tensor:
+        """(num_rows, num_cols) bool relevance of a contiguous block of queries and gallery items."""
+        q = self.query_labels[row_start : row_start + num_rows, None]
+        g = self.gallery_labels[None, col_start : col_start + num_cols]
+        return self.compare(q, g)
+
+    def of_ranking(self, ranking: Tensor) -> Tensor:
+        """(Q, K) bool: whether each ranked gallery id is relevant (-1 slots are not)."""
+        retrieved = self.gallery_labels[ranking.clamp(min=0)]
+        return (ranking >= 0) & self.compare(self.query_labels[:, None], retrieved)
+
+    def count(self) -> Tensor:
+        """(Q,) int64 number of relevant gallery items of each query, the excluded item not counted."""
+        if self.label_comparison_fn is None:
+            n = _count_equal(self.query_labels, self.gallery_labels)
+        else:
+            n = self._count_blocks()
+        if self.exclude is not None:
+            has = self.exclude >= 0
+            excluded = self.gallery_labels[self.exclude.clamp(min=0), None]
+            excluded_is_relevant = has & self.compare(self.query_labels[:, None], excluded)[:, 0]
+            n = n - excluded_is_relevant.long()
+        return n
+
+    def classes(self) -> Tensor:
+        """(Q,) int64 index of each query's label (row) among the distinct query labels."""
+        return torch.unique(self.query_labels, dim=0, return_inverse=True)[1]
+
+    def _count_blocks(self) -> Tensor:
+        num_queries, num_gallery = self.query_labels.shape[0], self.gallery_labels.shape[0]
+        cols = min(num_gallery, _LABEL_BUDGET)
+        rows = max(1, _LABEL_BUDGET // cols)
+        n = torch.zeros(num_queries, dtype=torch.int64, device=self.query_labels.device)
+        for r in range(0, num_queries, rows):
+            for c in range(0, num_gallery, cols):
+                n[r : r + rows] += self.block(r, rows, c, cols).sum(dim=1)
+        return n
+
+
+def _count_equal(query_labels: Tensor, gallery_labels: Tensor) -> Tensor:
+    """(Q,) gallery items sharing each query's label: one sort of the gallery labels, no Q x N matrix."""
+    classes, counts = torch.unique(gallery_labels, return_counts=True)
+    slot = torch.searchsorted(classes, query_labels.contiguous()).clamp(max=classes.numel() - 1)
+    return torch.where(classes[slot] == query_labels, counts[slot], torch.zeros_like(counts[slot]))
 
 
 @dataclass(frozen=True)
@@ -52,17 +152,15 @@ class RelevantRanks:
         return RelevantRanks(torch.where(self.ranks <= depth, self.ranks, 0), self.num_relevant, depth)
 
 
-def count_relevant(query_labels: Tensor, gallery_labels: Tensor, exclude: Tensor | None = None) -> Tensor:
-    """(Q,) number of gallery items sharing each query's label, minus the excluded item if it shares it."""
-    classes, counts = torch.unique(gallery_labels, return_counts=True)
-    slot = torch.searchsorted(classes, query_labels).clamp(max=classes.numel() - 1)
-    n = torch.where(classes[slot] == query_labels, counts[slot], torch.zeros_like(counts[slot]))
-    if exclude is not None:
-        has = exclude >= 0
-        excluded_is_relevant = torch.zeros_like(has)
-        excluded_is_relevant[has] = gallery_labels[exclude[has]] == query_labels[has]
-        n = n - excluded_is_relevant.long()
-    return n
+def count_relevant(
+    query_labels: Tensor,
+    gallery_labels: Tensor,
+    exclude: Tensor | None = None,
+    *,
+    label_comparison_fn: LabelComparison | None = None,
+) -> Tensor:
+    """(Q,) number of gallery items relevant to each query, minus the excluded item if it is relevant."""
+    return Relevance(query_labels, gallery_labels, exclude, label_comparison_fn).count()
 
 
 def left_align(ranks: Tensor) -> Tensor:
@@ -73,14 +171,24 @@ def left_align(ranks: Tensor) -> Tensor:
 
 
 def ranks_from_ranking(
-    ranking: Tensor, query_labels: Tensor, gallery_labels: Tensor, num_relevant: Tensor
+    ranking: Tensor,
+    query_labels: Tensor,
+    gallery_labels: Tensor,
+    num_relevant: Tensor,
+    *,
+    label_comparison_fn: LabelComparison | None = None,
 ) -> RelevantRanks:
     """Relevant ranks from a (Q, K) ranking of gallery indices (best first; -1 marks an empty slot)."""
-    valid = ranking >= 0
-    retrieved = gallery_labels[ranking.clamp(min=0)]
-    relevant = valid & (retrieved == query_labels[:, None])
+    relevant = Relevance(query_labels, gallery_labels, None, label_comparison_fn).of_ranking(ranking)
     positions = torch.arange(1, ranking.shape[1] + 1, device=ranking.device)
     return RelevantRanks(left_align(torch.where(relevant, positions, 0)), num_relevant, ranking.shape[1])
+
+
+def already_checked(source: BlockSource) -> BlockSource:
+    """The same gallery for a further pass, without re-checking values the first pass checked."""
+    again = copy.copy(source)
+    again.check_finite = False
+    return again
 
 
 def ranks_exhaustive(
@@ -95,12 +203,18 @@ def ranks_exhaustive(
     block_size: int = 4096,
     query_block_size: int = 1024,
     progress: bool = False,
+    num_relevant: Tensor | None = None,
+    label_comparison_fn: LabelComparison | None = None,
 ) -> RelevantRanks:
     """Exact ranks of every relevant item over the whole gallery, in two streamed passes.
 
     The first pass collects each query's scores for its relevant items; the second counts, for each of them,
     the gallery items ranked above it under the (score descending, index ascending) order. Memory stays
     O(Q x P); time is O(Q x N x (D + P)).
+
+    Args:
+        num_relevant: (Q,) counts from :func:`count_relevant`, if the caller has them already.
+        label_comparison_fn: custom relevance (see :class:`Relevance`); default same label.
     """
     source = gallery if isinstance(gallery, BlockSource) else BlockSource(gallery, "gallery", block_size)
     if not source.reiterable:
@@ -108,23 +222,22 @@ def ranks_exhaustive(
             "exhaustive ranking reads the gallery twice: pass an array, an h5py dataset or a "
             "list of blocks, not a one-shot generator"
         )
-    query_labels = query_labels.to(device)
-    gallery_labels = gallery_labels.to(device)
-    if exclude is not None:
-        exclude = exclude.to(device)
-    num_relevant = count_relevant(query_labels, gallery_labels, exclude)
+    relevance = Relevance(query_labels, gallery_labels, exclude, label_comparison_fn).to(device)
+    if num_relevant is None:
+        num_relevant = relevance.count()
+    num_relevant = num_relevant.to(device)
     width = max(int(num_relevant.max()), 1)
     prepared = prepare(queries, metric, device)
     num_queries = queries.shape[0]
 
-    def passes(desc: str):
+    def passes(src: BlockSource, desc: str):
         return iter_scores(
             prepared,
-            source,
+            src,
             metric,
             device=device,
             query_block_size=query_block_size,
-            exclude=exclude,
+            exclude=relevance.exclude,
             progress=progress,
             desc=desc,
         )
@@ -133,11 +246,8 @@ def ranks_exhaustive(
     rel_scores = torch.full((num_queries, width), float("inf"), device=device)
     rel_index = torch.full((num_queries, width), -1, dtype=torch.int64, device=device)
     filled = torch.zeros(num_queries, dtype=torch.int64, device=device)
-    for row_start, col_offset, s in passes("ranking (1/2)"):
-        labels = gallery_labels[col_offset : col_offset + s.shape[1]]
-        hit = (labels[None, :] == query_labels[row_start : row_start + s.shape[0], None]) & (
-            s > float("-inf")
-        )
+    for row_start, col_offset, s in passes(source, "ranking (1/2)"):
+        hit = relevance.block(row_start, s.shape[0], col_offset, s.shape[1]) & (s > float("-inf"))
         rows, cols = hit.nonzero(as_tuple=True)
         if rows.numel() == 0:
             continue
@@ -149,13 +259,13 @@ def ranks_exhaustive(
         rel_index[global_rows, slot] = cols + col_offset
         filled[row_start : row_start + s.shape[0]] += per_row
 
-    # Pass 2: count the items ranked above each relevant item.
+    # Pass 2: count the items ranked above each relevant item, in row chunks that stay inside the block.
     above = torch.zeros((num_queries, width), dtype=torch.int64, device=device)
-    for row_start, col_offset, s in passes("ranking (2/2)"):
+    for row_start, col_offset, s in passes(already_checked(source), "ranking (2/2)"):
         cols = torch.arange(col_offset, col_offset + s.shape[1], device=device)[None, :, None]
         chunk = max(1, _COMPARE_BUDGET // (s.shape[1] * width))
         for r in range(0, s.shape[0], chunk):
-            rows = slice(row_start + r, row_start + r + chunk)
+            rows = slice(row_start + r, row_start + min(r + chunk, s.shape[0]))
             block = s[r : r + chunk, :, None]
             score, index = rel_scores[rows][:, None, :], rel_index[rows][:, None, :]
             ranked_above = (block > score) | ((block == score) & (cols < index))

@@ -65,6 +65,16 @@ def map_at_r(ranks: RelevantRanks) -> Tensor:
     return _undefined_to_nan(ap, ranks)
 
 
+def reciprocal_rank(ranks: RelevantRanks) -> Tensor:
+    """1 / the rank of the first relevant item, 0 when none is found within the ranking's depth.
+
+    Its mean is the mean reciprocal rank (MRR); over a ranking truncated at K, MRR@K.
+    """
+    first = ranks.ranks[:, 0] if ranks.ranks.shape[1] else torch.zeros_like(ranks.num_relevant)
+    rr = torch.where(first > 0, 1.0 / first.clamp(min=1).double(), 0.0)
+    return _undefined_to_nan(rr, ranks)
+
+
 def _normaliser(ranks: RelevantRanks) -> Tensor:
     """min(R, depth): a truncated ranking can hold at most ``depth`` relevant items."""
     n = ranks.num_relevant
@@ -98,8 +108,19 @@ def trapezoidal_average_precision(ranks: RelevantRanks) -> Tensor:
     return _undefined_to_nan(ap, ranks)
 
 
-def reduce_queries(values: Tensor, policy: NoRelevantPolicy = "exclude", name: str = "metric") -> float:
-    """Average per-query values, treating NaN (no relevant item) according to ``policy``."""
+def reduce_queries(
+    values: Tensor, policy: NoRelevantPolicy = "exclude", name: str = "metric", classes: Tensor | None = None
+) -> float:
+    """Average per-query values, treating NaN (no relevant item) according to ``policy``.
+
+    Args:
+        values: (Q,) per-query values, NaN where undefined.
+        policy: ``"exclude"`` leaves undefined queries out, ``"zero"`` counts them as 0, ``"error"`` raises.
+        name: the metric's name, for the error message.
+        classes: optional (Q,) int64 class index of each query: average within each class first, then over
+            the classes (pytorch-metric-learning's ``avg_of_avgs``). Under ``"exclude"`` a class whose queries
+            are all undefined is left out.
+    """
     undefined = torch.isnan(values)
     if policy == "error" and bool(undefined.any()):
         raise ValueError(
@@ -107,7 +128,14 @@ def reduce_queries(values: Tensor, policy: NoRelevantPolicy = "exclude", name: s
             "undefined for them (no_relevant='error')"
         )
     if policy == "zero":
-        return float(torch.nan_to_num(values, nan=0.0).mean())
+        values, undefined = torch.nan_to_num(values, nan=0.0), torch.zeros_like(undefined)
     if bool(undefined.all()):
         return float("nan")
-    return float(values[~undefined].mean())
+    values = values[~undefined]
+    if classes is None:
+        return float(values.mean())
+    _, group = torch.unique(classes[~undefined], return_inverse=True)
+    num_groups = int(group.max()) + 1
+    sums = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(0, group, values)
+    sizes = torch.bincount(group, minlength=num_groups).to(values.dtype)
+    return float((sums / sizes).mean())

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from objretrieval._validation import check_choice, check_ranking
+from objretrieval._validation import check_choice, check_positive_int, check_ranking
 from objretrieval.metrics.ranks import RelevantRanks, left_align
 from objretrieval.metrics.retrieval import average_precision, trapezoidal_average_precision
 
@@ -148,7 +148,8 @@ def mean_average_precision(
         kappas: depths for precision@k.
         kind: ``"trapezoidal"`` (revisited Oxford/Paris) or ``"rectangular"`` (GLDv2) AP.
     """
-    check_choice(kind, "kind", ("trapezoidal", "rectangular"))
+    check_choice(kind, "kind", APKind)
+    kappas = _check_kappas(kappas)
     ranks = junk_adjusted_ranks(ranking, positives, junk)
     ap = (trapezoidal_average_precision if kind == "trapezoidal" else average_precision)(ranks)
     precision = _revisited_precision(ranks, kappas)
@@ -156,7 +157,15 @@ def mean_average_precision(
     n_valid = int(valid.sum())
     mean_ap = float(ap[valid].mean()) if n_valid else float("nan")
     mean_precision = precision[valid].mean(dim=0) if n_valid else torch.full((len(kappas),), float("nan"))
-    return ProtocolResult(mean_ap, ap, mean_precision.double(), precision, tuple(int(k) for k in kappas))
+    return ProtocolResult(mean_ap, ap, mean_precision.double(), precision, kappas)
+
+
+def _check_kappas(kappas: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(kappas, (np.ndarray, Tensor)):
+        kappas = kappas.tolist()
+    if isinstance(kappas, (str, bytes)) or not isinstance(kappas, Sequence):
+        raise TypeError(f"kappas must be a sequence of ints >= 1, got {type(kappas).__name__}")
+    return tuple(check_positive_int(k, f"kappas[{i}]") for i, k in enumerate(kappas))
 
 
 def _lists(gnd: Sequence[Mapping[str, Sequence[int]]], keys: tuple[str, ...]) -> list[list[int]]:
@@ -213,11 +222,13 @@ def gldv2_map(
         num_private: if given, the last ``num_private`` queries form the private split (750 for GLDv2-test)
             and the rest the public one.
     """
+    depth = check_positive_int(depth, "depth")
     r = _as_ranking(ranking)[:, :depth]
     result = mean_average_precision(r, positives, junk, kind="rectangular")
     if num_private is None:
         return GLDv2Result(result.map, result.ap)
-    if not 0 < num_private < r.shape[0]:
+    num_private = check_positive_int(num_private, "num_private")
+    if num_private >= r.shape[0]:
         raise ValueError(f"num_private must be in (0, {r.shape[0]}), got {num_private}")
     public, private = result.ap[:-num_private], result.ap[-num_private:]
     return GLDv2Result(result.map, result.ap, float(public.nanmean()), float(private.nanmean()))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from objretrieval.batch import Mined, MinedPairs, MinedTriplets, PairBatch, make_pair_batch
+from objretrieval.batch import LabelComparison, Mined, MinedPairs, MinedTriplets, PairBatch, make_pair_batch
+from objretrieval.precision import full_precision
 
 __all__ = ["Mined", "MinedPairs", "MinedTriplets", "Miner"]
 
@@ -14,8 +15,19 @@ class Miner(nn.Module):
     """Base class of miners: :meth:`mine` selects pairs or triplets of a :class:`~objretrieval.batch.PairBatch`.
 
     Call like pytorch-metric-learning's miners: ``miner(embeddings, labels, ref_emb=None, ref_labels=None)``.
-    Embeddings are L2-normalised and computed in float32 (float64 stays), without gradient.
+    Embeddings are L2-normalised and computed in the dtype of :mod:`objretrieval.precision` (float32,
+    float64 stays), without gradient.
+
+    Args:
+        label_comparison: optional ``(labels, ref_labels) -> (N, M) bool`` "same class" matrix replacing
+            label equality (e.g. hierarchical labels).
     """
+
+    def __init__(self, *, label_comparison: LabelComparison | None = None) -> None:
+        super().__init__()
+        if label_comparison is not None and not callable(label_comparison):
+            raise TypeError(f"label_comparison must be callable, got {type(label_comparison).__name__}")
+        self.label_comparison = label_comparison
 
     def forward(
         self,
@@ -26,8 +38,15 @@ class Miner(nn.Module):
     ) -> Mined:
         if not isinstance(embeddings, Tensor):
             raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
-        with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
-            return self.mine(make_pair_batch(embeddings, labels, ref_emb=ref_emb, ref_labels=ref_labels))
+        with torch.no_grad(), full_precision(embeddings.device):
+            batch = make_pair_batch(
+                embeddings,
+                labels,
+                ref_emb=ref_emb,
+                ref_labels=ref_labels,
+                label_comparison=self.label_comparison,
+            )
+            return self.mine(batch)
 
     def mine(self, batch: PairBatch) -> Mined:
         """Select pairs or triplets from a batch of normalised (N, D) embeddings against (M, D) references."""

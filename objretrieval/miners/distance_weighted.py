@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from objretrieval.batch import MinedTriplets, PairBatch
+from objretrieval._validation import check_number, check_positive_int
+from objretrieval.batch import LabelComparison, MinedTriplets, PairBatch
 from objretrieval.miners.base import Miner
 
 
@@ -22,10 +23,11 @@ class DistanceWeightedMiner(Miner):
     All anchors are sampled at once (:func:`sample_rows`); pass a ``generator`` for reproducible draws.
 
     Args:
-        cutoff: lower distance cutoff.
-        nonzero_loss_cutoff: optional upper distance cutoff.
-        triplets_per_anchor: triplets drawn for each anchor (with replacement).
+        cutoff: lower distance cutoff, in [0, 2) (unit vectors are at most 2 apart).
+        nonzero_loss_cutoff: optional upper distance cutoff, >= 0 (at or below ``cutoff``: uniform draws).
+        triplets_per_anchor: triplets drawn for each anchor (with replacement), >= 1.
         generator: random generator for the draws.
+        label_comparison: optional ``(labels, ref_labels) -> (N, M) bool`` "same class" matrix.
     """
 
     def __init__(
@@ -34,12 +36,15 @@ class DistanceWeightedMiner(Miner):
         nonzero_loss_cutoff: float | None = None,
         triplets_per_anchor: int = 1,
         generator: torch.Generator | None = None,
+        *,
+        label_comparison: LabelComparison | None = None,
     ) -> None:
-        super().__init__()
-        if triplets_per_anchor < 1:
-            raise ValueError(f"triplets_per_anchor must be >= 1, got {triplets_per_anchor}")
-        self.cutoff, self.nonzero_loss_cutoff = float(cutoff), nonzero_loss_cutoff
-        self.triplets_per_anchor = int(triplets_per_anchor)
+        super().__init__(label_comparison=label_comparison)
+        self.cutoff = check_number(cutoff, "cutoff", low=0.0, high=2.0, high_open=True)
+        if nonzero_loss_cutoff is not None:
+            nonzero_loss_cutoff = check_number(nonzero_loss_cutoff, "nonzero_loss_cutoff", low=0.0)
+        self.nonzero_loss_cutoff = nonzero_loss_cutoff
+        self.triplets_per_anchor = check_positive_int(triplets_per_anchor, "triplets_per_anchor")
         self.generator = generator
 
     def distances(self, embeddings: Tensor, ref: Tensor) -> Tensor:
@@ -48,13 +53,21 @@ class DistanceWeightedMiner(Miner):
         return sq.clamp(min=1e-4).sqrt().clamp(min=self.cutoff)
 
     def negative_probabilities(
-        self, embeddings: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref: Tensor,
+        ref_labels: Tensor,
+        negative: Tensor | None = None,
     ) -> Tensor:
-        """(N, M) probability that anchor i draws reference j as its negative (rows of zeros: no negative)."""
+        """(N, M) probability that anchor i draws reference j as its negative (rows of zeros: no negative).
+
+        ``negative`` (N, M) bool, if given, marks the allowed negatives instead of ``labels != ref_labels``.
+        """
         d = self.distances(embeddings, ref)
         dim = float(embeddings.shape[1])
         log_w = (2.0 - dim) * d.log() - ((dim - 3.0) / 2.0) * (1.0 - 0.25 * d.pow(2)).clamp(min=1e-8).log()
-        allowed = labels[:, None] != ref_labels[None, :]
+        allowed = labels[:, None] != ref_labels[None, :] if negative is None else negative
         log_w = log_w.masked_fill(~allowed, float("-inf"))
         # shift each row by its own maximum for stability; rows without negatives stay all zero
         shift = log_w.amax(dim=1, keepdim=True).nan_to_num(neginf=0.0)
@@ -66,7 +79,9 @@ class DistanceWeightedMiner(Miner):
 
     def mine(self, batch: PairBatch) -> MinedTriplets:
         same, labels = batch.positive_mask, batch.labels
-        neg_p = self.negative_probabilities(batch.embeddings, labels, batch.ref, batch.ref_labels)
+        neg_p = self.negative_probabilities(
+            batch.embeddings, labels, batch.ref, batch.ref_labels, batch.negative_mask
+        )
         anchors = ((same.any(1)) & (neg_p.sum(1) > 0)).nonzero().squeeze(1)
         k = self.triplets_per_anchor
         if anchors.numel() == 0:

@@ -20,8 +20,10 @@ from objretrieval.models.avsl import (
 from objretrieval.models.builder import create_model, hub_entrypoint
 from objretrieval.models.checkpoint import (
     CheckpointMismatchError,
+    LoadReport,
     checkpoint_metadata,
     download_pretrained,
+    fetch_pretrained,
     load_state_dict_into,
     read_checkpoint,
     save_checkpoint,
@@ -40,6 +42,7 @@ from objretrieval.models.registry import (
     list_models,
     list_pretrained,
     register_model,
+    split_model_name,
     unregister_model,
 )
 from objretrieval.models.resnet import ResNetTrunk
@@ -60,6 +63,7 @@ __all__ = [
     "CheckpointFormat",
     "CheckpointMismatchError",
     "DINOHead",
+    "LoadReport",
     "MICOutput",
     "MILEAggregator",
     "ModelEntry",
@@ -71,6 +75,7 @@ __all__ = [
     "convert_official_mile",
     "create_model",
     "download_pretrained",
+    "fetch_pretrained",
     "get_model_entry",
     "hub_entrypoint",
     "list_models",
@@ -80,6 +85,7 @@ __all__ = [
     "read_official_avsl",
     "register_model",
     "save_checkpoint",
+    "split_model_name",
     "unregister_model",
     "unwrap_state_dict",
 ]

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objretrieval.descriptors.binary import pack_bits, signs_from_bits
+from objretrieval._validation import check_finite_values, check_not_all_padded
+from objretrieval.models.binary import pack_bits, signs_from_bits
 from objretrieval.models.registry import CheckpointFormat, PretrainedCfg, register_model
 
 Activation = Literal["relu", "gelu"]
@@ -219,6 +220,12 @@ class AMES(nn.Module):
         binarized: project descriptors to ``model_dim`` bits first (the "dist" models).
         fusion: default (lamb, temp) for fusing its logits with global similarities in reranking (the
             builders set the authors' values, :data:`AMES_FUSION`).
+
+    The builders take these arguments as overrides: ``create_model("dinov2_ames", checkpoint="mine.pt",
+    num_encoder_layers=3)`` builds a 3-layer model and loads a checkpoint of that shape into it.
+
+    Descriptors of any floating dtype (e.g. float16 files) are cast to the model's dtype; NaN/inf descriptors
+    and images whose descriptors are all padding are refused, naming the image.
     """
 
     def __init__(
@@ -263,16 +270,26 @@ class AMES(nn.Module):
 
     # -- inputs ----------------------------------------------------------------------------------------------
     def _check(self, local: Tensor, mask: Tensor | None, name: str) -> tuple[Tensor, Tensor]:
+        """Descriptors in the model's dtype and the keep mask, refusing NaN/inf and images with no descriptor.
+
+        Descriptors of another floating dtype are cast to the model's (parameters') dtype: float16 files halve
+        the storage, and the projection runs in the model's precision as it would on float32 files (under
+        autocast, the autocast dtype takes over as usual).
+        """
         if not isinstance(local, Tensor) or local.ndim != 3 or local.shape[-1] != self.local_dim:
             shape = tuple(local.shape) if isinstance(local, Tensor) else type(local).__name__
             raise ValueError(f"{name} must be (B, N, {self.local_dim}) local descriptors, got {shape}")
         if not local.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {local.dtype}")
+        check_finite_values(local, name)
+        local = local.to(self.mtc_token.dtype)
         if mask is None:
             return local, torch.ones(local.shape[:2], dtype=torch.bool, device=local.device)
         if mask.shape != local.shape[:2]:
             raise ValueError(f"{name} mask must have shape {tuple(local.shape[:2])}, got {tuple(mask.shape)}")
-        return local, ~mask.to(device=local.device, dtype=torch.bool)
+        padding = mask.to(device=local.device, dtype=torch.bool)
+        check_not_all_padded(padding, name, "image")
+        return local, ~padding
 
     def remap(self, local: Tensor) -> Tensor:
         """(..., Dl) descriptors -> (..., d) tokens: L2-normalise, project (binarize), LayerNorm."""
@@ -303,6 +320,14 @@ class AMES(nn.Module):
 
     def project_codes(self, codes: Tensor, keep: Tensor) -> ProjectedDescriptors:
         """Tokens from packed codes: unpack to +1 / -1, then the rest of the projection."""
+        if not self.binarized:
+            raise ValueError("project_codes needs a binarized model (the *_dist builders)")
+        if codes.dtype != torch.uint8 or codes.ndim != 3 or 8 * codes.shape[-1] != self.model_dim:
+            raise ValueError(
+                f"codes must be (N, T, {self.model_dim // 8}) uint8 packed codes of {self.model_dim} bits, "
+                f"got {codes.dtype} {tuple(codes.shape)}"
+            )
+        check_not_all_padded(~keep, "codes", "image")
         signs = signs_from_bits(codes, self.mtc_token.dtype)
         return ProjectedDescriptors(self.remap_local[2](self.remap_local[1](signs)), keep)
 

@@ -542,7 +542,8 @@ class AVSLExplanation:
 class AVSLScorer:
     """Pairwise AVSL scores of query images against gallery images, block by block.
 
-    Implements the :class:`objretrieval.search.PairwiseScorer` protocol: scores are negative AVSL distances
+    Implements the :class:`objretrieval.search.PairwiseScorer` protocol and its dense-block extension
+    (:class:`~objretrieval.search.pairwise.BlockScorer`): scores are negative AVSL distances
     (higher is better). Each block holds (query block x gallery block x E) floats per tensor, never the whole
     Q x N matrix.
 
@@ -601,8 +602,10 @@ class AVSLScorer:
     @torch.no_grad()
     def score_pairs(self, query_ids: Tensor, gallery_ids: Tensor) -> Tensor:
         """(P,) negative AVSL distances of the pairs ``(query_ids[i], gallery_ids[i])``."""
-        q = self.queries.rows(query_ids.to(self.device))
-        g = self.gallery.rows(gallery_ids.to(self.device))
+        from objretrieval.search.pairwise import check_pairs
+
+        query_ids, gallery_ids = check_pairs(self, query_ids, gallery_ids)
+        q, g = self.queries.rows(query_ids), self.gallery.rows(gallery_ids)
         hat, _, _ = self.similarity._node_terms(q, g, self.weights, keep_nodes=False, paired=True)
         return hat.sum(-1).squeeze(1).neg_()
 

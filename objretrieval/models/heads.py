@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from objretrieval._validation import check_positive_int
+
 
 class DINOHead(nn.Module):
     """DINO's projection head: MLP -> L2 normalisation -> weight-normalised linear layer without bias.
@@ -36,8 +38,7 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
     ) -> None:
         super().__init__()
-        if nlayers < 1:
-            raise ValueError(f"nlayers must be >= 1, got {nlayers}")
+        check_positive_int(nlayers, "nlayers")
         dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(itertools.pairwise(dims)):

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from objretrieval._validation import check_positive_int
 from objretrieval.models.checkpoint import unwrap_state_dict
 from objretrieval.models.registry import CheckpointFormat, PretrainedCfg, register_model
 from objretrieval.models.resnet import (
@@ -67,16 +68,17 @@ class MIC(nn.Module):
         cluster_pool: tuple[int, int] = (18, 12),
     ) -> None:
         super().__init__()
-        for name, value in (("class_dim", class_dim), ("shared_dim", shared_dim)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        kernel, stride = cluster_pool
-        if kernel < 1 or stride < 1:
-            raise ValueError(f"cluster_pool must be (kernel, stride) >= 1, got {cluster_pool}")
+        if not isinstance(trunk, ResNetTrunk):
+            raise TypeError(f"trunk must be a ResNetTrunk, got {type(trunk).__name__}")
+        if not (isinstance(cluster_pool, (tuple, list)) and len(cluster_pool) == 2):
+            raise TypeError(f"cluster_pool must be a (kernel, stride) pair, got {cluster_pool!r}")
         self.trunk = trunk
-        self.class_head = nn.Linear(trunk.num_features, class_dim)
-        self.shared_head = nn.Linear(trunk.num_features, shared_dim)
-        self.cluster_pool = (int(kernel), int(stride))
+        self.class_head = nn.Linear(trunk.num_features, check_positive_int(class_dim, "class_dim"))
+        self.shared_head = nn.Linear(trunk.num_features, check_positive_int(shared_dim, "shared_dim"))
+        self.cluster_pool = (
+            check_positive_int(cluster_pool[0], "cluster_pool kernel"),
+            check_positive_int(cluster_pool[1], "cluster_pool stride"),
+        )
 
     @property
     def class_dim(self) -> int:

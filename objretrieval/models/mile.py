@@ -21,9 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objretrieval._validation import check_padding_mask
+from objretrieval._validation import check_finite_values, check_not_all_padded, check_padding_mask
 from objretrieval.models.heads import DINOHead, rename_weight_norm_keys
 from objretrieval.models.registry import CheckpointFormat, PretrainedCfg, register_model
+
+
+def check_sets(values: Tensor, name: str, mask: Tensor | None, what: str = "set") -> Tensor | None:
+    """Validate sets ``values`` (S, N, ...) with an optional (S, N) padding mask (True at padded slots).
+
+    Returns the mask as a bool tensor on ``values``' device. Every set needs a real element, and real
+    elements must be finite; padded slots may hold anything (they are never read), so NaN there is fine.
+    """
+    if mask is not None:
+        mask = check_padding_mask(mask, "mask", tuple(values.shape[:2]), values.device)
+        check_not_all_padded(mask, "mask", what)
+        values = values.masked_fill(mask.view(*mask.shape, *(1,) * (values.ndim - 2)), 0)
+    check_finite_values(values, name)  # the row it names is the set
+    return mask
 
 
 class MILEAggregator(nn.Module):
@@ -99,7 +113,7 @@ class MILEAggregator(nn.Module):
         Args:
             features: (S, N, D) embeddings of the N images of S sets, in feed order.
             mask: optional (S, N) bool, True at padded images, which leave the latent unchanged. Every set
-                needs at least one image.
+                needs at least one image, and unpadded embeddings must be finite.
             return_steps: return the latent after each image, (S, N, D), instead of the last one.
             mixing_groups: official batch-mixing mode for parity with upstream training: the S sets are
                 G groups of S / G (group-major), and each latent attends over its group's new embeddings.
@@ -112,12 +126,9 @@ class MILEAggregator(nn.Module):
         s, n, _ = features.shape
         if n == 0:
             raise ValueError("features has no images (second dimension is 0)")
-        if mask is not None:
-            mask = check_padding_mask(mask, "mask", (s, n), features.device)
-            if bool(mask.all(dim=1).any()):
-                raise ValueError("mask pads every image of some set; each set needs at least one image")
-            if not bool(mask.any()):
-                mask = None
+        mask = check_sets(features, "features", mask)
+        if mask is not None and not bool(mask.any()):
+            mask = None
         if mixing_groups is not None:
             if mask is not None:
                 raise ValueError("mixing_groups (official batch mixing) does not support padding masks")
@@ -251,25 +262,24 @@ class MILE(nn.Module):
         """Per-image embeddings: (B, 3, H, W) normalised images -> (B, D) final-norm class tokens.
 
         Images of one call share a resolution; H and W should be multiples of the patch size (14). The
-        positional embedding is resized bicubically with antialiasing, as DINOv2 does.
+        positional embedding is resized bicubically with antialiasing, as DINOv2 does. NaN or inf pixels
+        raise, naming the image.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        check_finite_values(images, "images")
         return self.backbone.forward_features(images)[:, 0]
 
     def encode_sets(self, images: Tensor, mask: Tensor | None = None) -> Tensor:
         """Per-image embeddings of sets: (B, N, ..., 3, H, W) -> (B, N, ..., D), e.g. (B, N, crops, 3, H, W).
 
         Images of the sets padded by ``mask`` ((B, N) bool, True at padding) never reach the backbone; their
-        embeddings are zero.
+        embeddings are zero. A set with no unpadded image, or NaN/inf in an unpadded one, raises naming the set.
         """
         if images.ndim < 5 or images.shape[-3] != 3:
             raise ValueError(f"images must be (B, N, ..., 3, H, W), got {tuple(images.shape)}")
-        if mask is None:
-            kept = images
-        else:
-            mask = check_padding_mask(mask, "mask", tuple(images.shape[:2]), images.device)
-            kept = images[~mask]
+        mask = check_sets(images, "images", mask)
+        kept = images if mask is None else images[~mask]
         encoded = self.encode_images(kept.flatten(0, -4)).view(*kept.shape[:-3], -1)
         if mask is None:
             return encoded
@@ -298,16 +308,21 @@ class MILE(nn.Module):
         """
         if (images is None) == (features is None):
             raise ValueError("pass exactly one of images and features")
-        e = self.encode_images(images) if images is not None else features
-        assert e is not None
-        if e.ndim != 2 or e.shape[1] != self.embed_dim:
-            raise ValueError(f"features must be (B, {self.embed_dim}), got {tuple(e.shape)}")
+        if features is None:
+            assert images is not None
+            e = self.encode_images(images)
+        else:
+            e = features
+            if e.ndim != 2 or e.shape[1] != self.embed_dim:
+                raise ValueError(f"features must be (B, {self.embed_dim}), got {tuple(e.shape)}")
+            check_finite_values(e, "features")
         if latent is None:
             return e
         if latent.shape != e.shape:
             raise ValueError(
                 f"latent has shape {tuple(latent.shape)} but the new image gives {tuple(e.shape)}"
             )
+        check_finite_values(latent, "latent")
         return self.aggregator.step(latent, e)
 
     def project(self, latent: Tensor) -> Tensor:

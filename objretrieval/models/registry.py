@@ -18,14 +18,21 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
+from urllib.parse import urlparse
 
 from torch import Tensor, nn
 
 #: Name of objretrieval's own checkpoint format: a flat state dict with the module's own keys.
 NATIVE_FORMAT = "objretrieval"
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+#: torch.hub's convention for a digest in a file name (``resnet50-0676ba61.pth``); ``torch.hub.HASH_REGEX``.
+_NAME_HASH = re.compile(r"-([a-f0-9]*)\.")
 
 
 @dataclass(frozen=True)
@@ -33,9 +40,12 @@ class PretrainedCfg:
     """Where a pretrained checkpoint lives and how the model expects its input. Pure data.
 
     Attributes:
-        url: download location (``https://``, ``file://``...); fetched through ``torch.hub``.
-        sha256: full hex digest of the file, verified after download.
-        file_name: name in the ``torch.hub`` cache; defaults to the URL's basename with the digest inserted.
+        url: download location (``https://``, ``file://``...); fetched through ``torch.hub``. Plain ``http://``
+            is refused at download time unless a digest is known (see :attr:`expected_hash`).
+        sha256: full lowercase hex digest of the file, verified after download.
+        file_name: name in the ``torch.hub`` cache; defaults to the URL's basename (with ``-<sha256>``
+            inserted when ``sha256`` is set and the name carries no digest). As in ``torch.hub``, a
+            ``-<hex>.`` in this name (``resnet50-0676ba61.pth``) is a prefix of the file's sha256.
         checkpoint_format: name of the :class:`CheckpointFormat` the file is stored in.
         input_size: (C, H, W) the model was trained at, if it takes images.
         mean, std: input normalisation.
@@ -58,6 +68,36 @@ class PretrainedCfg:
     license: str | None = None
     paper: str | None = None
     notes: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.sha256 is not None and not _SHA256.fullmatch(self.sha256):
+            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
+        if self.url is None:
+            return
+        prefix = self.name_hash
+        if self.sha256 and prefix and not self.sha256.startswith(prefix):
+            raise ValueError(
+                f"sha256 {self.sha256} disagrees with the digest prefix {prefix!r} in the file name "
+                f"{self.download_name!r} (torch.hub's name-<hex>.ext convention)"
+            )
+
+    @property
+    def download_name(self) -> str:
+        """The file's name as ``torch.hub`` sees it: :attr:`file_name`, else the URL's basename."""
+        if self.file_name:
+            return self.file_name
+        return os.path.basename(urlparse(self.url or "").path) or "checkpoint.pt"
+
+    @property
+    def name_hash(self) -> str | None:
+        """The sha256 prefix in :attr:`download_name` (``name-<hex>.ext``, read as ``torch.hub`` does), if any."""
+        found = _NAME_HASH.search(self.download_name)
+        return found.group(1) if found and found.group(1) else None
+
+    @property
+    def expected_hash(self) -> str | None:
+        """What a download is checked against: the full :attr:`sha256`, else :attr:`name_hash`, else None."""
+        return self.sha256 or self.name_hash
 
 
 @dataclass(frozen=True)
@@ -96,7 +136,10 @@ class ModelEntry:
     def pretrained_cfg(self, tag: str | None = None) -> PretrainedCfg:
         """The pretrained configuration ``tag`` (default: the first registered)."""
         if not self.pretrained_cfgs:
-            raise ValueError(f"model {self.name!r} has no pretrained weights registered")
+            raise ValueError(
+                f"model {self.name!r} has no pretrained configuration registered; load weights with "
+                "checkpoint=... instead"
+            )
         if tag is None:
             return next(iter(self.pretrained_cfgs.values()))
         if tag not in self.pretrained_cfgs:
@@ -141,12 +184,19 @@ def register_model(
 
     def decorate(builder: F) -> F:
         key = name or builder.__name__
+        if "." in key:
+            raise ValueError(f"model names cannot contain '.', which separates a pretrained tag: {key!r}")
         if key in _REGISTRY:
             raise ValueError(
                 f"a model named {key!r} is already registered (by {_REGISTRY[key].builder.__module__})"
             )
         cfgs = {"default": pretrained} if isinstance(pretrained, PretrainedCfg) else dict(pretrained or {})
         known = {f.name: f for f in formats}
+        if len(known) < len(formats) or NATIVE_FORMAT in known:
+            raise ValueError(
+                f"{key}: checkpoint format names must be distinct and not {NATIVE_FORMAT!r}, got "
+                f"{[f.name for f in formats]}"
+            )
         for tag, cfg in cfgs.items():
             if cfg.checkpoint_format != NATIVE_FORMAT and cfg.checkpoint_format not in known:
                 raise ValueError(
@@ -161,18 +211,33 @@ def register_model(
 
 def unregister_model(name: str) -> None:
     """Remove a registered model (for plugins and tests that register temporary builders)."""
-    get_model_entry(name)
-    del _REGISTRY[name]
+    del _REGISTRY[get_model_entry(name).name]
+
+
+def split_model_name(name: str) -> tuple[str, str | None]:
+    """``"name.tag"``, as :func:`list_pretrained` prints it, -> ``("name", "tag")``; ``"name"`` ->
+    ``("name", None)``."""
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a str, got {type(name).__name__}")
+    base, dot, tag = name.partition(".")
+    if dot and not (base and tag):
+        raise ValueError(f"model name must be 'name' or 'name.tag', got {name!r}")
+    return base, tag or None
 
 
 def get_model_entry(name: str) -> ModelEntry:
-    """The registry entry of ``name``; the error suggests close names when it is unknown."""
+    """The registry entry of ``name`` (a ``name.tag`` must name a registered tag); the error suggests close
+    names when it is unknown."""
+    base, tag = split_model_name(name)
     try:
-        return _REGISTRY[name]
+        entry = _REGISTRY[base]
     except KeyError:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        close = difflib.get_close_matches(base, list(_REGISTRY), n=3)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise KeyError(f"unknown model {name!r}{hint} (objretrieval.list_models() lists them)") from None
+        raise KeyError(f"unknown model {base!r}{hint} (objretrieval.list_models() lists them)") from None
+    if tag is not None:
+        entry.pretrained_cfg(tag)  # raises, listing the tags, when it is not one of them
+    return entry
 
 
 def list_models(pattern: str | None = None, *, pretrained: bool = False) -> list[str]:
@@ -186,7 +251,10 @@ def list_models(pattern: str | None = None, *, pretrained: bool = False) -> list
 
 
 def list_pretrained(pattern: str | None = None) -> list[str]:
-    """``name.tag`` for every registered pretrained configuration."""
+    """``name.tag`` for every registered pretrained configuration with weights to download."""
     return [
-        f"{n}.{tag}" for n in list_models(pattern, pretrained=True) for tag in _REGISTRY[n].pretrained_cfgs
+        f"{n}.{tag}"
+        for n in list_models(pattern, pretrained=True)
+        for tag, cfg in _REGISTRY[n].pretrained_cfgs.items()
+        if cfg.url
     ]

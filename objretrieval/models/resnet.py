@@ -12,12 +12,15 @@ AVSL checkpoints, which store torchvision ResNets under ``model.``, map onto it 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 from torch import Tensor, nn
 
+from objretrieval._validation import check_choice
+
 #: torchvision ResNets the trunk accepts, and "resnet10" (BasicBlock x [1, 1, 1, 1]), a tiny one for tests.
-ARCHITECTURES = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+Architecture = Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 #: Input metadata of a ResNet fine-tuned from torchvision's ImageNet weights (for :class:`PretrainedCfg`).
 IMAGENET_INPUT: dict[str, Any] = {
     "input_size": (3, 224, 224),
@@ -29,16 +32,15 @@ IMAGENET_INPUT: dict[str, Any] = {
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
-def _torchvision_resnet(arch: str, weights: str | None) -> Any:
+def _torchvision_resnet(arch: Architecture, weights: str | None) -> Any:
     from torchvision import models
     from torchvision.models.resnet import BasicBlock, ResNet
 
+    arch = check_choice(arch, "arch", Architecture)
     if arch == "resnet10":
         if weights is not None:
             raise ValueError("resnet10 has no pretrained weights; pass weights=None")
         return ResNet(BasicBlock, [1, 1, 1, 1])
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
     return models.get_model(arch, weights=weights)
 
 
@@ -46,7 +48,7 @@ class ResNetTrunk(nn.Module):
     """A torchvision ResNet without pooling and classifier, returning the stage maps asked for.
 
     Args:
-        arch: one of :data:`ARCHITECTURES`.
+        arch: one of :data:`Architecture`.
         weights: torchvision weights name (e.g. ``"IMAGENET1K_V1"``, downloaded through ``torch.hub``), or
             None for a random initialisation (then load a checkpoint).
         freeze_bn: keep every BatchNorm in eval mode (running statistics never update, even under
@@ -59,7 +61,7 @@ class ResNetTrunk(nn.Module):
 
     def __init__(
         self,
-        arch: str = "resnet50",
+        arch: Architecture = "resnet50",
         weights: str | None = None,
         *,
         freeze_bn: bool = True,
@@ -153,4 +155,7 @@ def trunk_from_overrides(arch: str, overrides: dict[str, Any], **defaults: Any) 
     out of the builder's keyword ``overrides`` (in place); ``defaults`` are the family's own trunk settings."""
     settings: dict[str, Any] = dict(defaults)
     settings.update({k: overrides.pop(k) for k in ("freeze_bn", "freeze_bn_affine") if k in overrides})
-    return ResNetTrunk(overrides.pop("arch", arch), overrides.pop("weights", None), **settings)
+    chosen: Any = overrides.pop(
+        "arch", arch
+    )  # a str from the caller; ResNetTrunk checks it is an Architecture
+    return ResNetTrunk(chosen, overrides.pop("weights", None), **settings)

@@ -31,7 +31,6 @@ from objretrieval import distributed
 from objretrieval._validation import check_choice, check_labels, check_positive_int
 
 SmallClasses = Literal["error", "replace", "drop"]
-SMALL_CLASS_POLICIES: tuple[str, ...] = ("error", "replace", "drop")
 
 IntArray = npt.NDArray[np.int64]
 
@@ -115,7 +114,7 @@ class ClassTable:
         Raises:
             ValueError: ``small_classes="error"`` and some class has fewer than ``m`` samples.
         """
-        small_classes = check_choice(small_classes, "small_classes", SMALL_CLASS_POLICIES)
+        small_classes = check_choice(small_classes, "small_classes", SmallClasses)
         values, dense, sizes = np.unique(labels, return_inverse=True, return_counts=True)
         small = sizes < m
         n_small = int(small.sum())

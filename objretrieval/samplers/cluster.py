@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from objretrieval.samplers._common import IntArray, SmallClasses
+from objretrieval._validation import check_number
+from objretrieval.samplers._common import IntArray, SmallClasses, as_label_array
 from objretrieval.samplers.m_per_class import MPerClassSampler
 
 
@@ -43,7 +44,7 @@ class ClusterBatchSampler(MPerClassSampler):
     cluster's label, as MIC's ``ClusterDataset`` does.
 
     Args:
-        labels: (N,) integer cluster label of each dataset sample.
+        labels: (N,) non-negative integer cluster label of each dataset sample.
         batch_size: pairs per batch; a multiple of ``m``.
         m: images per cluster in a batch (MIC: 4).
         random_pick_p: probability of replacing a slot's image by a random cluster's image (MIC: 0.2).
@@ -68,16 +69,41 @@ class ClusterBatchSampler(MPerClassSampler):
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        if not 0.0 <= float(random_pick_p) <= 1.0:
-            raise ValueError(f"random_pick_p must lie in [0, 1], got {random_pick_p}")
-        self.random_pick_p = float(random_pick_p)
+        self.random_pick_p = check_number(random_pick_p, "random_pick_p", low=0.0, high=1.0)
         super().__init__(
             labels, batch_size, m, seed=seed, small_classes=small_classes, rank=rank, world_size=world_size
         )
 
     def update_labels(self, labels: Any) -> None:
-        """Replace the cluster labels (after a re-clustering); takes effect at the next iteration."""
-        self._set_labels(labels)
+        """Replace the cluster labels (after a re-clustering); takes effect at the next iteration.
+
+        Args:
+            labels: (N,) non-negative integer cluster labels, one per dataset sample, in dataset order.
+
+        Raises:
+            TypeError: ``labels`` is not an integer array.
+            ValueError: ``labels`` does not have one entry per dataset sample (fewer would silently train
+                on a subset of the images), holds a negative label, or has too few clusters for a batch.
+                The sampler keeps its previous labels.
+        """
+        new = as_label_array(labels, "labels")
+        if new.size != self.labels.size:
+            raise ValueError(
+                f"labels has {new.size} entries, but the sampler was built for {self.labels.size} dataset "
+                "samples: update_labels needs one cluster label per sample, in dataset order"
+            )
+        self._set_labels(new)
+
+    def _set_labels(self, labels: Any) -> None:
+        values = as_label_array(labels, "labels")
+        # cluster ids are k-means indices; a negative one is usually a clusterer's "noise" marker, which would
+        # otherwise be trained on as one big real cluster
+        if values.min() < 0:
+            first = int(np.argmax(values < 0))
+            raise ValueError(
+                f"labels must be non-negative cluster ids, got {int(values[first])} at index {first}"
+            )
+        super()._set_labels(values)
 
     def _global_batches(self, rng: np.random.Generator) -> IntArray:
         """(num_batches, batch_size, 2) int64 ``[index, label]`` pairs."""

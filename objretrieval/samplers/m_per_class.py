@@ -107,15 +107,17 @@ class MPerClassSampler(ChunkBatchSampler):
         self._set_labels(labels)
 
     def _set_labels(self, labels: Any) -> None:
-        self.labels = as_label_array(labels, "labels")
-        self.table = ClassTable.from_labels(self.labels, self.m, self.small_classes)
-        if self.table.num_classes < self.classes_per_batch:
+        """Validate ``labels`` and derive the class table; the sampler changes only if all checks pass."""
+        values = as_label_array(labels, "labels")
+        table = ClassTable.from_labels(values, self.m, self.small_classes)
+        if table.num_classes < self.classes_per_batch:
             raise ValueError(
-                f"labels has {self.table.num_classes} classes{self.table.describe_drop()}, but a batch "
+                f"labels has {table.num_classes} classes{table.describe_drop()}, but a batch "
                 f"of batch_size={self.batch_size} with m={self.m} needs {self.classes_per_batch} distinct "
                 "classes"
             )
-        chunks = self.table.chunks_per_class
+        chunks = table.chunks_per_class
+        self.labels, self.table = values, table
         self.num_batches = max(-(-int(chunks.sum()) // self.classes_per_batch), int(chunks.max()))
 
     def _num_global_batches(self) -> int:

@@ -4,23 +4,106 @@ The gallery is streamed into the index block by block (IVF trains on the first `
 are searched in one call, and results are returned in objretrieval's conventions: internal scores higher is
 better, rows sorted by (score, index). faiss does not promise which of several items tied at the k-th place it
 returns; the torch backend does.
+
+Approximate indexes may find fewer than ``k`` items for a query (an IVF query whose probed lists hold too few
+items). Those slots are missing: index -1 and the worst possible score, so they always rank last.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from objretrieval._validation import check_positive_int
 from objretrieval.search.scoring import Metric, Prepared, prepare
 from objretrieval.search.sources import BlockSource
 from objretrieval.search.topk import sort_by_score_then_index
 
-#: Shorthand names accepted for ``index``; anything else is passed to ``faiss.index_factory``.
-INDEX_SHORTHANDS = ("flat", "ivf", "hnsw")
+#: Shorthand names accepted for ``FaissOptions.index``; anything else is passed to ``faiss.index_factory``.
+IndexShorthand = Literal["flat", "ivf", "hnsw"]
+INDEX_SHORTHANDS: tuple[str, ...] = get_args(IndexShorthand)
+
+
+@dataclass(frozen=True)
+class FaissOptions:
+    """Options of the faiss backend of :func:`~objretrieval.search.knn` (``backend="faiss"``).
+
+    Attributes:
+        index: ``"flat"`` (exact ``IndexFlat``), ``"ivf"`` (``IVF<nlist>,Flat`` with nlist = 4 sqrt(N)),
+            ``"hnsw"`` (``HNSW32,Flat``) or any ``faiss.index_factory`` string such as ``"IVF1024,PQ64"``
+            (an invalid one raises a ValueError when the index is built).
+        nprobe: inverted lists probed per query; only for IVF indexes (faiss's default is 1).
+        ef_search: HNSW search depth; only for HNSW indexes (faiss's default is 16).
+        train_size: gallery rows used to train indexes that need training (IVF, PQ, SQ).
+
+    Raises:
+        TypeError: if ``index`` is not a string or a number is not an int.
+        ValueError: on an empty ``index``, a non-positive number, or ``nprobe``/``ef_search`` given for an index
+            that has no such parameter (it would be ignored).
+    """
+
+    index: str = "flat"
+    nprobe: int | None = None
+    ef_search: int | None = None
+    train_size: int = 100_000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.index, str):
+            raise TypeError(
+                "FaissOptions.index must be a string: 'flat', 'ivf', 'hnsw' or a faiss factory string, "
+                f"got {type(self.index).__name__}"
+            )
+        if not self.index.strip():
+            raise ValueError("FaissOptions.index must not be empty")
+        check_positive_int(self.train_size, "FaissOptions.train_size")
+        if self.nprobe is not None:
+            check_positive_int(self.nprobe, "FaissOptions.nprobe")
+            if not self.is_ivf:
+                raise ValueError(
+                    f"FaissOptions.nprobe applies to IVF indexes only, got index={self.index!r}; "
+                    "use index='ivf' or a factory string such as 'IVF1024,Flat'"
+                )
+        if self.ef_search is not None:
+            check_positive_int(self.ef_search, "FaissOptions.ef_search")
+            if not self.is_hnsw:
+                raise ValueError(
+                    f"FaissOptions.ef_search applies to HNSW indexes only, got index={self.index!r}; "
+                    "use index='hnsw' or a factory string such as 'HNSW32,Flat'"
+                )
+
+    @property
+    def is_ivf(self) -> bool:
+        """Whether the index has inverted lists (``nprobe`` applies)."""
+        return self.index == "ivf" or "IVF" in self.index
+
+    @property
+    def is_hnsw(self) -> bool:
+        """Whether the index is (or is quantised by) an HNSW graph (``ef_search`` applies)."""
+        return self.index == "hnsw" or "HNSW" in self.index
+
+
+def resolve_faiss_options(backend: str, options: FaissOptions | None) -> FaissOptions | None:
+    """The faiss options a search runs with: ``options`` (default ``FaissOptions()``) for the faiss backend.
+
+    Raises:
+        TypeError: if ``options`` is not a :class:`FaissOptions`.
+        ValueError: if ``options`` is given with another backend, where it would be ignored.
+    """
+    if options is not None and not isinstance(options, FaissOptions):
+        raise TypeError(f"faiss must be a FaissOptions or None, got {type(options).__name__}")
+    if backend != "faiss":
+        if options is not None:
+            raise ValueError(
+                f"faiss options were given but backend={backend!r}; pass backend='faiss' to use them"
+            )
+        return None
+    return options if options is not None else FaissOptions()
 
 
 def _factory_string(index: str, num_rows: int | None) -> str:
@@ -46,13 +129,13 @@ def faiss_search(
     metric: Metric,
     *,
     exclude: Tensor | None,
-    index: str,
-    nprobe: int | None,
-    ef_search: int | None,
-    train_size: int,
+    options: FaissOptions,
     progress: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Return internal ``(scores, indices)`` of shape (Q, k) on the CPU; missing results have index -1."""
+    """Return internal ``(scores, indices)`` of shape (Q, k) on the CPU.
+
+    Missing results (fewer than ``k`` found) have index -1 and internal score -inf, so they sort last.
+    """
     import faiss  # imported lazily: faiss is heavy and only needed for this backend
 
     cpu = torch.device("cpu")
@@ -67,18 +150,22 @@ def faiss_search(
     dim = first.shape[1]
     if dim != q.vectors.shape[1]:
         raise ValueError(f"gallery has dim {dim} but queries have dim {q.vectors.shape[1]}")
-    faiss_index = faiss.index_factory(dim, _factory_string(index, gallery.num_rows), faiss_metric)
+    factory = _factory_string(options.index, gallery.num_rows)
+    try:
+        faiss_index = faiss.index_factory(dim, factory, faiss_metric)
+    except RuntimeError as err:  # faiss reports a bad factory string as a C++ exception dump
+        raise ValueError(f"FaissOptions.index={options.index!r} is not a valid faiss factory string") from err
     pending = [as_numpy(prepare(first, metric, cpu))]
     if not faiss_index.is_trained:
         # Buffer the first rows for training, so one-shot iterables are still read only once.
         buffered = len(pending[0])
         for _, block in blocks:
-            if buffered >= train_size:
+            if buffered >= options.train_size:
                 pending.append(as_numpy(prepare(block, metric, cpu)))
                 break
             pending.append(as_numpy(prepare(block, metric, cpu)))
             buffered += len(pending[-1])
-        faiss_index.train(np.concatenate(pending)[:train_size])
+        faiss_index.train(np.concatenate(pending)[: options.train_size])
     for array in pending:
         faiss_index.add(array)
     total = None if gallery.num_rows is None else -(-gallery.num_rows // gallery.block_size)
@@ -86,10 +173,12 @@ def faiss_search(
         faiss_index.add(as_numpy(prepare(block, metric, cpu)))
 
     params = faiss.ParameterSpace()
-    if nprobe is not None:
-        params.set_index_parameter(faiss_index, "nprobe", nprobe)
-    if ef_search is not None:
-        params.set_index_parameter(faiss_index, "efSearch", ef_search)
+    if options.nprobe is not None:
+        params.set_index_parameter(faiss_index, "nprobe", options.nprobe)
+    if options.ef_search is not None:
+        # an HNSW quantizer of an IVF index ("IVF4096_HNSW32,Flat") takes its efSearch under that prefix
+        name = "quantizer_efSearch" if options.is_ivf else "efSearch"
+        params.set_index_parameter(faiss_index, name, options.ef_search)
 
     extra = 0 if exclude is None else 1
     distances, ids = faiss_index.search(as_numpy(q), k + extra)
@@ -97,6 +186,7 @@ def faiss_search(
     indices = torch.from_numpy(ids).to(torch.int64)
     if metric == "l2":
         scores = -scores
+    # faiss fills missing slots with index -1 and a sentinel distance (FLT_MAX): make them rank last
     scores = torch.where(indices < 0, torch.full_like(scores, float("-inf")), scores)
     if exclude is not None:
         drop = (indices == exclude[:, None]) & (exclude[:, None] >= 0)

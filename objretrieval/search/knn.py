@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal, NamedTuple
 
 import torch
@@ -14,8 +15,8 @@ from objretrieval._validation import (
     check_positive_int,
     to_tensor,
 )
-from objretrieval.search.faiss_backend import faiss_search
-from objretrieval.search.scoring import METRICS, Metric, iter_scores, prepare, score_block, to_user_scores
+from objretrieval.search.faiss_backend import FaissOptions, faiss_search, resolve_faiss_options
+from objretrieval.search.scoring import Metric, iter_scores, prepare, score_block, to_user_scores
 from objretrieval.search.sources import BlockSource, GalleryLike
 from objretrieval.search.topk import RunningTopK
 
@@ -26,15 +27,30 @@ _MAX_GALLERY = 2**32 - 2  # gallery indices share an int64 sort key with the sco
 class Neighbors(NamedTuple):
     """The ``k`` nearest gallery items of each query, best first.
 
+    Approximate faiss indexes may find fewer than ``k`` items for a query. Such a slot is *missing*: index -1
+    and the worst possible score (-inf for similarities, +inf for squared distances), so missing slots always
+    come last in their row. Mask them (:attr:`missing`) before indexing with ``indices``: -1 would select the
+    last gallery row. :func:`knn` warns when there are any. The torch backend is exact and never leaves a slot
+    missing.
+
     Attributes:
         scores: (Q, k) float32. Similarity for ``metric="cosine"`` or ``"ip"`` (descending); squared Euclidean
             distance for ``metric="l2"`` (ascending).
-        indices: (Q, k) int64 gallery row indices. Approximate faiss indexes may return fewer than ``k``
-            results; missing ones have index -1.
+        indices: (Q, k) int64 gallery row indices, -1 for a missing slot.
     """
 
     scores: Tensor
     indices: Tensor
+
+    @property
+    def missing(self) -> Tensor:
+        """(Q, k) bool, True at slots for which no gallery item was found."""
+        return self.indices < 0
+
+    @property
+    def num_missing(self) -> int:
+        """Number of missing slots over all queries."""
+        return int(self.missing.sum())
 
 
 def knn(
@@ -45,10 +61,7 @@ def knn(
     metric: Metric = "cosine",
     exclude: Tensor | None = None,
     backend: Backend = "torch",
-    index: str = "flat",
-    nprobe: int | None = None,
-    ef_search: int | None = None,
-    train_size: int = 100_000,
+    faiss: FaissOptions | None = None,
     block_size: int | None = None,
     query_block_size: int = 4096,
     device: torch.device | str | None = None,
@@ -69,11 +82,9 @@ def knn(
         metric: ``"cosine"`` (vectors are L2-normalised first), ``"ip"`` (raw inner product) or ``"l2"``
             (squared Euclidean distance).
         exclude: optional (Q,) int64 gallery index to exclude for each query, -1 for none.
-        backend: ``"torch"`` (exact, CPU or CUDA) or ``"faiss"`` (CPU; exact or approximate by ``index``).
-        index: faiss index, ``"flat"``, ``"ivf"``, ``"hnsw"`` or any ``faiss.index_factory`` string.
-        nprobe: IVF lists probed per query (faiss).
-        ef_search: HNSW search depth (faiss).
-        train_size: gallery rows used to train IVF indexes (faiss).
+        backend: ``"torch"`` (exact, CPU or CUDA) or ``"faiss"`` (CPU; exact or approximate, see ``faiss``).
+        faiss: options of the faiss backend (index type, ``nprobe``, ``ef_search``, ``train_size``); only with
+            ``backend="faiss"``, where ``None`` means ``FaissOptions()``, an exact flat index.
         block_size: gallery rows per block; by default 4096, or more for small query sets so that each score
             block still holds about 16M entries (large matrix products run faster).
         query_block_size: query rows scored against one gallery block at once (torch backend).
@@ -81,11 +92,13 @@ def knn(
         progress: show a tqdm progress bar over gallery blocks.
 
     Returns:
-        :class:`Neighbors` ``(scores, indices)``, each (Q, k).
+        :class:`Neighbors` ``(scores, indices)``, each (Q, k). An approximate faiss index may leave slots
+        missing (see :class:`Neighbors`); a ``RuntimeWarning`` then says how many queries got fewer than k.
 
     Raises:
         ValueError: on shape or dimension mismatches, NaN/inf values, ``k`` larger than the gallery (minus the
-            excluded item), or ``exclude`` ids outside the gallery.
+            excluded item), ``exclude`` ids outside the gallery, or ``faiss`` options with the torch backend.
+        TypeError: if ``faiss`` is not a :class:`FaissOptions`.
     """
     q = check_embeddings(queries, "queries")
     k = check_positive_int(k, "k")
@@ -93,14 +106,10 @@ def knn(
     if block_size is None:
         block_size = 4096 if gallery is None else _default_block_size(min(q.shape[0], query_block_size))
     block_size = check_positive_int(block_size, "block_size")
-    metric = check_choice(metric, "metric", METRICS)
-    backend = check_choice(backend, "backend", ("torch", "faiss"))
+    metric = check_choice(metric, "metric", Metric)
+    backend = check_choice(backend, "backend", Backend)
+    options = resolve_faiss_options(backend, faiss)
     compute_device = torch.device(device) if device is not None else q.device
-    if not isinstance(index, str):
-        raise TypeError(
-            f"index must be a string such as 'flat', 'ivf', 'hnsw' or a faiss factory string, "
-            f"got {type(index).__name__}"
-        )
 
     if gallery is None:
         if exclude is not None:
@@ -108,7 +117,7 @@ def knn(
                 "exclude cannot be combined with gallery=None, which already excludes each query"
             )
         _check_k(k, q.shape[0] - 1, "the queries minus the excluded query itself")
-        if backend == "torch":
+        if options is None:
             return _self_knn(q, k, metric, compute_device, block_size, progress)
         source = BlockSource(q, "queries", block_size)
         exclude_ids: Tensor | None = torch.arange(q.shape[0])
@@ -122,18 +131,9 @@ def knn(
         if source.num_rows is not None:  # iterables reveal their size only once read: checked below
             _check_k_gallery(k, source.num_rows, exclude_ids)
 
-    if backend == "faiss":
+    if options is not None:
         scores, indices = faiss_search(
-            q,
-            source,
-            k,
-            metric,
-            exclude=exclude_ids,
-            index=index,
-            nprobe=nprobe,
-            ef_search=ef_search,
-            train_size=train_size,
-            progress=progress,
+            q, source, k, metric, exclude=exclude_ids, options=options, progress=progress
         )
         scores, indices = scores.to(compute_device), indices.to(compute_device)
     else:
@@ -153,6 +153,8 @@ def knn(
         scores, indices = state.scores, state.indices
     assert source.num_rows is not None
     _check_k_gallery(k, source.num_rows, exclude_ids)
+    if options is not None:
+        _warn_missing(indices, k, options)
     return Neighbors(to_user_scores(scores, metric), indices)
 
 
@@ -176,6 +178,18 @@ def _self_knn(
         if c != a:
             state.update(c, s.T, a)
     return Neighbors(to_user_scores(state.scores, metric), state.indices)
+
+
+def _warn_missing(indices: Tensor, k: int, options: FaissOptions) -> None:
+    short = int((indices < 0).any(dim=1).sum())
+    if short:
+        warnings.warn(
+            f"faiss index {options.index!r} found fewer than k={k} neighbours for {short} of "
+            f"{indices.shape[0]} queries; those slots are missing (index -1, ranked last; see "
+            "Neighbors.missing). Probe more lists (nprobe) or search deeper (ef_search) to fill them.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _default_block_size(query_rows: int) -> int:

@@ -1,9 +1,13 @@
-"""Nearest neighbours under a pairwise score that is not an inner product of embeddings (AVSL, cross-encoders).
+"""Nearest neighbours under a pairwise score that is not an inner product of embeddings (AMES, AVSL).
 
-A :class:`PairwiseScorer` scores a block of queries against a block of gallery items; :func:`pairwise_knn`
-walks query blocks x gallery blocks with a running top-k, so memory is O(Q x k) plus one block, never the
-Q x N matrix. A symmetric scorer on one set (leave-one-out) computes each pair once and mirrors the block.
-With ``candidates`` only a shortlist per query is rescored (e.g. the kNN of a cheap global embedding).
+A :class:`PairwiseScorer` scores (query, gallery) pairs; one that can score dense blocks more cheaply than pair by
+pair also implements :class:`BlockScorer`. Two walks use them:
+
+- :func:`score_candidates` scores a shortlist of gallery ids per query (the rescoring of :func:`pairwise_knn`
+  with ``candidates``, and the reranking of :func:`objretrieval.reranking.score_shortlist`);
+- :func:`pairwise_knn` without candidates walks query blocks x gallery blocks with a running top-k, so memory is
+  O(Q x k) plus one block, never the Q x N matrix. A symmetric scorer on one set (leave-one-out) computes each
+  pair once and mirrors the block.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from objretrieval._validation import check_positive_int
+from objretrieval._validation import check_finite_values, check_positive_int
 from objretrieval.search.knn import Neighbors
 from objretrieval.search.scoring import mask_excluded
 from objretrieval.search.topk import RunningTopK, sort_by_score_then_index
@@ -24,25 +28,126 @@ from objretrieval.search.topk import RunningTopK, sort_by_score_then_index
 class PairwiseScorer(Protocol):
     """Scores of query items against gallery items; higher is better.
 
+    The core every pairwise model implements. A scorer may also set ``symmetric = True`` when its gallery is its
+    query set and ``score(i, j) == score(j, i)``; :func:`pairwise_knn` then computes each pair once.
+
     Attributes:
         num_queries: Q.
         num_gallery: N.
-        symmetric: the gallery is the query set and ``score(i, j) == score(j, i)``.
         device: where scores are computed and returned.
     """
 
-    num_queries: int
-    num_gallery: int
-    symmetric: bool
-    device: torch.device
+    @property
+    def num_queries(self) -> int: ...
+
+    @property
+    def num_gallery(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def score_pairs(self, query_ids: Tensor, gallery_ids: Tensor) -> Tensor:
+        """(P,) float32 scores of the pairs ``(query_ids[i], gallery_ids[i])``, on :attr:`device`."""
+        ...
+
+
+@runtime_checkable
+class BlockScorer(PairwiseScorer, Protocol):
+    """A :class:`PairwiseScorer` that scores dense blocks directly (e.g. with one batched product)."""
 
     def score_block(self, query_rows: slice, gallery_rows: slice) -> Tensor:
         """(q, g) float32 scores of a contiguous block of queries against one of gallery items."""
         ...
 
-    def score_pairs(self, query_ids: Tensor, gallery_ids: Tensor) -> Tensor:
-        """(P,) float32 scores of the pairs ``(query_ids[i], gallery_ids[i])``."""
-        ...
+
+def score_block(scorer: PairwiseScorer, query_rows: slice, gallery_rows: slice) -> Tensor:
+    """(q, g) scores of a block: the scorer's own :meth:`BlockScorer.score_block`, else pair by pair."""
+    if isinstance(scorer, BlockScorer):
+        return scorer.score_block(query_rows, gallery_rows)
+    rows = torch.arange(scorer.num_queries, device=scorer.device)[query_rows]
+    cols = torch.arange(scorer.num_gallery, device=scorer.device)[gallery_rows]
+    q, g = rows.repeat_interleave(len(cols)), cols.repeat(len(rows))
+    return _checked_scores(scorer, q, g).view(len(rows), len(cols))
+
+
+def check_pairs(scorer: PairwiseScorer, query_ids: Tensor, gallery_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """``(query_ids, gallery_ids)`` as int64 on the scorer's device, after checking shapes and ranges."""
+    for name, ids, size in (
+        ("query_ids", query_ids, scorer.num_queries),
+        ("gallery_ids", gallery_ids, scorer.num_gallery),
+    ):
+        if not isinstance(ids, Tensor) or ids.ndim != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
+            what = (
+                f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
+            )
+            raise TypeError(f"{name} must be a 1-D integer tensor, got {what}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
+            raise ValueError(
+                f"{name} must lie in [0, {size}), got min {int(ids.min())}, max {int(ids.max())}"
+            )
+    if query_ids.shape != gallery_ids.shape:
+        raise ValueError(
+            f"query_ids and gallery_ids must pair up, got {len(query_ids)} and {len(gallery_ids)} ids"
+        )
+    return query_ids.to(scorer.device, torch.int64), gallery_ids.to(scorer.device, torch.int64)
+
+
+def _checked_scores(scorer: PairwiseScorer, query_ids: Tensor, gallery_ids: Tensor) -> Tensor:
+    values = scorer.score_pairs(query_ids, gallery_ids)
+    if not isinstance(values, Tensor) or values.shape != query_ids.shape:
+        got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        raise ValueError(
+            f"{type(scorer).__name__}.score_pairs must return ({len(query_ids)},) scores, got {got}"
+        )
+    check_finite_values(values, f"scores from {type(scorer).__name__}")
+    return values.float()
+
+
+def score_candidates(
+    scorer: PairwiseScorer,
+    candidates: Tensor,
+    *,
+    exclude_self: bool = False,
+    fill: float = float("-inf"),
+    chunk_size: int = 4096,
+) -> Tensor:
+    """(Q, S) float32 scores of each query against its candidate gallery ids, on the scorer's device.
+
+    Pairs go to :meth:`PairwiseScorer.score_pairs` ``chunk_size`` at a time in row order, so a scorer sees the
+    pairs of one query together (AMES projects each query once).
+
+    Args:
+        scorer: a :class:`PairwiseScorer`.
+        candidates: (Q, S) integer gallery ids; -1 marks a missing entry (a short row, or an approximate faiss
+            index that found fewer neighbours), which is not scored.
+        exclude_self: leave-one-out on one set: candidate ``i`` of query ``i`` is not scored either.
+        fill: the score of entries not scored.
+        chunk_size: pairs per :meth:`~PairwiseScorer.score_pairs` call.
+    """
+    q, n = int(scorer.num_queries), int(scorer.num_gallery)
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    if not isinstance(candidates, Tensor) or candidates.dim() != 2 or candidates.shape[0] != q:
+        shape = tuple(candidates.shape) if isinstance(candidates, Tensor) else type(candidates).__name__
+        raise ValueError(f"candidates must be a ({q}, S) tensor of gallery ids, got {shape}")
+    if candidates.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"candidates must hold integer gallery ids, got {candidates.dtype}")
+    ids = candidates.to(scorer.device, torch.int64)
+    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= n):
+        raise ValueError(f"candidates hold ids outside [-1, {n}): min {int(ids.min())}, max {int(ids.max())}")
+    rows = torch.arange(q, device=ids.device)[:, None].expand_as(ids)
+    scored = ids >= 0
+    if exclude_self:
+        scored &= ids != rows
+    flat_rows, flat_ids = rows[scored], ids[scored]
+    scores = torch.full(ids.shape, fill, device=ids.device)
+    if len(flat_rows):
+        scores[scored] = torch.cat(
+            [
+                _checked_scores(scorer, flat_rows[s : s + chunk_size], flat_ids[s : s + chunk_size])
+                for s in range(0, len(flat_rows), chunk_size)
+            ]
+        )
+    return scores
 
 
 def pairwise_knn(
@@ -59,14 +164,14 @@ def pairwise_knn(
     """The ``k`` best-scoring gallery items of every query under a pairwise scorer.
 
     Ties rank the lower gallery index first, as :func:`objretrieval.search.knn` does, so results do not depend
-    on block sizes.
+    on block sizes. Scorers without :meth:`BlockScorer.score_block` have each block scored pair by pair.
 
     Args:
         scorer: a :class:`PairwiseScorer`.
         k: neighbours per query (at most the number of gallery items left after exclusion).
         exclude_self: leave-one-out on one set: query i never retrieves gallery item i.
-        candidates: optional (Q, S) int64 gallery ids to rescore instead of the whole gallery (-1 pads a short
-            row); the result ranks only those.
+        candidates: optional (Q, S) int64 gallery ids to rescore instead of the whole gallery (-1 marks a
+            missing entry); the result ranks only those (:func:`score_candidates`).
         query_block_size: queries per block (exhaustive mode); with a symmetric scorer, blocks are square.
         gallery_block_size: gallery items per block (exhaustive mode, non-symmetric scorers).
         pair_chunk_size: pairs scored per call in candidates mode.
@@ -89,12 +194,12 @@ def pairwise_knn(
         raise ValueError(f"k={k} exceeds the {available} gallery items each query can retrieve")
     exclude = torch.arange(q, device=scorer.device) if exclude_self else None
     top = RunningTopK(q, k, scorer.device)
-    if scorer.symmetric and exclude_self:
+    if getattr(scorer, "symmetric", False) and exclude_self:
         size = query_block_size
         starts = range(0, q, size)
         tiles = [(i, j) for i in starts for j in starts if j >= i]
         for i, j in tqdm(tiles, disable=not progress, desc="pairwise", unit="block"):
-            s = scorer.score_block(slice(i, i + size), slice(j, j + size))
+            s = score_block(scorer, slice(i, i + size), slice(j, j + size))
             if i == j:
                 mask_excluded(s, exclude, i, j)
             top.update(i, s, j)
@@ -103,40 +208,19 @@ def pairwise_knn(
         return Neighbors(top.scores, top.indices)
     blocks = [(i, j) for j in range(0, n, gallery_block_size) for i in range(0, q, query_block_size)]
     for i, j in tqdm(blocks, disable=not progress, desc="pairwise", unit="block"):
-        s = scorer.score_block(slice(i, i + query_block_size), slice(j, j + gallery_block_size))
+        s = score_block(scorer, slice(i, i + query_block_size), slice(j, j + gallery_block_size))
         mask_excluded(s, exclude, i, j)
         top.update(i, s, j)
     return Neighbors(top.scores, top.indices)
 
 
 def _rescore(scorer: PairwiseScorer, k: int, candidates: Tensor, exclude_self: bool, chunk: int) -> Neighbors:
-    q, n = scorer.num_queries, scorer.num_gallery
-    if not isinstance(candidates, Tensor) or candidates.dim() != 2 or candidates.shape[0] != q:
-        shape = tuple(candidates.shape) if isinstance(candidates, Tensor) else type(candidates).__name__
-        raise ValueError(f"candidates must be a ({q}, S) tensor of gallery ids, got {shape}")
-    if candidates.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"candidates must hold integer gallery ids, got {candidates.dtype}")
-    ids = candidates.to(scorer.device, torch.int64)
-    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= n):
-        raise ValueError(f"candidates hold ids outside [-1, {n}): min {int(ids.min())}, max {int(ids.max())}")
-    rows = torch.arange(q, device=ids.device)[:, None].expand_as(ids)
-    valid = ids >= 0
-    if exclude_self:
-        valid &= ids != rows
-    scores = torch.full(ids.shape, float("-inf"), device=ids.device)
-    flat_rows, flat_ids = rows[valid], ids[valid]
-    values = torch.cat(
-        [
-            scorer.score_pairs(flat_rows[s : s + chunk], flat_ids[s : s + chunk])
-            for s in range(0, len(flat_rows), chunk)
-        ]
-        or [torch.empty(0, device=ids.device)]
-    )
-    scores[valid] = values.float()
-    ids = torch.where(valid, ids, -1)
+    scores = score_candidates(scorer, candidates, exclude_self=exclude_self, chunk_size=chunk)
+    ids = candidates.to(scores.device, torch.int64)
+    ids = torch.where(torch.isneginf(scores), -1, ids)  # not scored (missing or the query itself): missing
     scores, ids = sort_by_score_then_index(scores, ids)
     if ids.shape[1] < k:
         pad = k - ids.shape[1]
-        scores = torch.cat([scores, scores.new_full((q, pad), float("-inf"))], dim=1)
-        ids = torch.cat([ids, ids.new_full((q, pad), -1)], dim=1)
+        scores = torch.cat([scores, scores.new_full((scores.shape[0], pad), float("-inf"))], dim=1)
+        ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], dim=1)
     return Neighbors(scores[:, :k], ids[:, :k])

@@ -18,15 +18,15 @@ SPARSE_MIN_K = 24
 
 
 def sort_by_score_then_index(scores: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
-    """Sort each row by score descending, ties by index ascending.
+    """Sort each row by score descending, ties by index ascending, and index -1 (a missing entry) last.
 
     One sort of an int64 key: the float32 score mapped to an order-preserving int32 in the high half, the
-    inverted index in the low half. Indices must lie in [-1, 2**32 - 2]; -0.0 is folded into +0.0 first so
-    that equal scores get equal keys.
+    inverted index in the low half (index 0 highest, -1 lowest). Indices must lie in [-1, 2**32 - 2]; -0.0 is
+    folded into +0.0 first so that equal scores get equal keys.
     """
     bits = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    key = (ordered << 32) + (0xFFFFFFFE - indices)
+    key = (ordered << 32) + ((-1 - indices) & 0xFFFFFFFF)
     order = key.argsort(dim=1, descending=True)
     return scores.gather(1, order), indices.gather(1, order)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +42,7 @@ from objretrieval.models.checkpoint import compare_state_dicts
 from objretrieval.models.mic import MIC, MICOutput
 
 Task = Literal["class", "shared"]
-TASKS: tuple[Task, Task] = ("class", "shared")
+TASKS: tuple[Task, ...] = get_args(Task)  # in step order
 ClusterNormalization = Literal["mean", "mstd", "no_norm"]
 
 
@@ -94,7 +94,7 @@ def class_centred(
     Returns:
         (N, D) float32 features.
     """
-    normalization = check_choice(normalization, "normalization", ("mean", "mstd", "no_norm"))
+    normalization = check_choice(normalization, "normalization", ClusterNormalization)
     x = check_embeddings(features, "features").float()
     labels = check_labels(class_labels, "class_labels", x.shape[0], "features").to(x.device)
     if normalization == "no_norm":
@@ -179,7 +179,7 @@ class InterclassClusters:
         self.num_clusters = check_positive_int(num_clusters, "num_clusters")
         self.update_every = check_positive_int(update_every, "update_every", minimum=0)
         self.normalization: ClusterNormalization = check_choice(
-            normalization, "normalization", ("mean", "mstd", "no_norm")
+            normalization, "normalization", ClusterNormalization
         )
         self.seed, self.nredo = seed, nredo
         self.labels: Tensor | None = None
@@ -321,7 +321,7 @@ class MICTraining(nn.Module):
             images: (B, 3, H, W).
             labels: (B,) int64 labels of that task.
         """
-        task = check_choice(task, "task", TASKS)
+        task = check_choice(task, "task", Task)
         output = self.model(images)
         labels = check_labels(labels, "labels", output.class_embedding.shape[0], "images")
         labels = labels.to(output.class_embedding.device)

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from objretrieval._validation import check_number
+
 
 def weight_decay_groups(model: nn.Module) -> list[dict[str, Any]]:
     """DINO's two AdamW groups over the trainable parameters: decayed, and not decayed (biases and 1-D
@@ -31,6 +33,7 @@ def weight_decay_groups(model: nn.Module) -> list[dict[str, Any]]:
 def clip_gradients_per_tensor(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
     """Scale each gradient whose own L2 norm exceeds ``max_norm`` down to it (DINO's ``clip_gradients``;
     not a global-norm clip). Returns the norms before clipping, without a host sync."""
+    check_number(max_norm, "max_norm", low=0.0, low_open=True)  # <= 0 would zero or flip every gradient
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(0)
@@ -44,6 +47,7 @@ def clip_gradients_per_tensor(parameters: Iterable[Tensor], max_norm: float) -> 
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """``teacher <- momentum * teacher + (1 - momentum) * student`` for the student's trainable parameters,
     matched by name (the frozen ones are equal by construction and left alone)."""
+    check_number(momentum, "momentum", low=0.0, high=1.0)
     teacher_params = dict(teacher.named_parameters())
     trained = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     missing = [n for n, _ in trained if n not in teacher_params]

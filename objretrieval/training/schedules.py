@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from objretrieval._validation import check_positive_int
+
 
 def cosine_schedule(
     base_value: float,
@@ -18,9 +20,9 @@ def cosine_schedule(
 ) -> np.ndarray:
     """``epochs * iters_per_epoch`` float64 values: a linear warm-up from ``start_warmup_value`` to
     ``base_value`` over ``warmup_epochs``, then a half cosine from ``base_value`` to ``final_value``."""
-    if epochs < 1 or iters_per_epoch < 1:
-        raise ValueError(f"epochs and iters_per_epoch must be >= 1, got {epochs} and {iters_per_epoch}")
-    if not 0 <= warmup_epochs <= epochs:
+    check_positive_int(epochs, "epochs")
+    check_positive_int(iters_per_epoch, "iters_per_epoch")
+    if check_positive_int(warmup_epochs, "warmup_epochs", minimum=0) > epochs:
         raise ValueError(f"warmup_epochs must be in [0, epochs={epochs}], got {warmup_epochs}")
     warmup_iters = warmup_epochs * iters_per_epoch
     warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters else np.array([])

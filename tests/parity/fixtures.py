@@ -46,26 +46,39 @@ def method_fixtures(method: str) -> MethodFixtures:
     return MethodFixtures(method)
 
 
+def nonempty(names: list[str], what: str) -> list[str]:
+    """``names``, for a parametrised parity test; an error when fixtures are present but none match ``what``.
+
+    An empty parameter list would make pytest skip the test silently; parity tests skip only when the fixture
+    root is absent.
+    """
+    if not names and fixture_root().is_dir():
+        raise LookupError(f"no parity fixture matches {what} under {fixture_root()}; the test would not run")
+    return names
+
+
 def fixtures_of_kind(method: str, kind: str, *, prefix: bool = False) -> list[str]:
     """Names of a method's manifest fixtures whose ``kind`` is ``kind`` (or starts with it, with ``prefix``);
-    none when the fixture root is absent."""
+    none when the fixture root is absent, an error when it is present and none matches."""
     if not fixture_root().is_dir():
         return []
     fixtures = MethodFixtures(method).manifest["fixtures"]
-    return [
+    names = [
         name
         for name, spec in fixtures.items()
         if spec.get("kind") == kind or (prefix and str(spec.get("kind", "")).startswith(kind))
     ]
+    return nonempty(names, f"{method} kind {kind!r}")
 
 
 def key_listing_files(method: str) -> list[str]:
     """The ``{section: {key: [shape, dtype]}}`` key-listing JSON files a method's manifest names (the entry's
-    name is the file); none when the fixture root is absent."""
+    name is the file); none when the fixture root is absent, an error when it is present and names none."""
     if not fixture_root().is_dir():
         return []
     fixtures = MethodFixtures(method).manifest["fixtures"]
-    return [name for name, spec in fixtures.items() if "[shape, dtype]" in str(spec.get("format", ""))]
+    names = [name for name, spec in fixtures.items() if "[shape, dtype]" in str(spec.get("format", ""))]
+    return nonempty(names, f"{method} key listings")
 
 
 _NUMBER = r"[0-9.]+(?:e-?[0-9]+)?"

@@ -6,19 +6,14 @@ Rankings, ground truth, kappas, expected tensors and tolerances are all read fro
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from objretrieval import create_model
-from objretrieval.descriptors import (
-    ScaleFeatures,
-    SpatialAttention2d,
-    global_descriptor,
-    patch_locations,
-    receptive_field_centres,
-    select_top,
-)
+from objretrieval.descriptors import CVNetLocalExtractor, DINOv2LocalExtractor, SpatialAttention2d
 from objretrieval.metrics import mean_average_precision, revisited_map
 from objretrieval.models import AMES
 from objretrieval.reranking import Shortlist, rerank_revisited, score_table
@@ -206,55 +201,82 @@ def test_rerank_pipeline(ames: MethodFixtures, name: str) -> None:
         assert round(100 * run_score, 3) == round(100 * expected["returned_score"], 3), "official score"
 
 
-# --- local-descriptor selection ---------------------------------------------------------------------------------
+# --- local-descriptor extraction ------------------------------------------------------------------------------
+# The official extraction ran with its backbone stubbed to return stored features; ours runs the library's
+# extractors with the same stub in place of the timm / torchvision backbone.
 
 
-def _extraction_case(ames: MethodFixtures, name: str) -> tuple[dict, dict, tuple[float, float]]:
-    spec = ames.manifest["fixtures"][name]
-    tolerance = spec["tolerance"]
-    local_tol = parse_tolerance(
-        re.search(r"atol [0-9.e-]+ on out_local", tolerance)[0].removesuffix(" on out_local")
-    )
-    return spec, ames.tensors(spec["files"]["tensors"]), local_tol
+class _StoredViT(nn.Module):
+    """A ViT stand-in returning an image's stored class and patch tokens (after checking the input size)."""
+
+    def __init__(
+        self, cls: torch.Tensor, patches: torch.Tensor, image_hw: tuple[int, int], patch: int
+    ) -> None:
+        super().__init__()
+        self.patch_embed = SimpleNamespace(patch_size=(patch, patch))
+        self.num_prefix_tokens = 1
+        self.device_anchor = nn.Parameter(torch.zeros(()))  # the extractor reads the device off a parameter
+        self.tokens = torch.cat([cls[None], patches])[None]
+        self.image_hw = image_hw
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        assert tuple(x.shape[2:]) == self.image_hw, "the extractor resized an already snapped image"
+        return self.tokens
+
+
+class _StoredCNN(nn.Module):
+    """A CVNet stand-in returning the stored res4 map of each scale, in the order the scales are run."""
+
+    def __init__(self, maps: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.maps = maps
+        self.device_anchor = nn.Parameter(torch.zeros(()))
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feature_map = self.maps.pop(0)
+        return feature_map[None], feature_map.mean(dim=(1, 2))[None]
+
+
+def _tolerance_on(tolerance: str, tensor: str) -> tuple[float, float]:
+    """The manifest's ``atol <x> on <tensor>[/...]`` tolerance of one output tensor."""
+    for clause in tolerance.split(","):
+        if re.search(rf"\bon\b.*\b{tensor}\b", clause):
+            return parse_tolerance(clause.split(" on ")[0].split("(")[0].strip())
+    raise KeyError(f"no tolerance for {tensor} in {tolerance!r}")
 
 
 @pytest.mark.parametrize("name", fixtures_of_kind("ames", "local_descriptor_extraction"))
-def test_local_descriptor_selection(ames: MethodFixtures, name: str) -> None:
+def test_local_descriptor_extraction(ames: MethodFixtures, name: str) -> None:
     """Backbone features (stored) -> detector or norms -> locations -> joint top-k rows, globals."""
-    spec, t, local_tol = _extraction_case(ames, name)
-    global_tol = parse_tolerance(
-        re.search(r"atol [0-9.e-]+ on out_global", spec["tolerance"])[0].split(" on")[0]
-    )
+    spec = ames.manifest["fixtures"][name]
+    t = ames.tensors(spec["files"]["tensors"])
+    for tensor, meta in spec["tensors"].items():
+        assert list(t[tensor].shape) == meta["shape"], f"{name}: {tensor}"
+    local_tol = _tolerance_on(spec["tolerance"], "out_local")
     channels = int(re.search(r"C=(\d+)", spec["backbone"])[1])
-    if spec["backbone"].startswith("dinov2"):  # one scale of patch tokens, optionally through the detector
+    if spec["backbone"].startswith("dinov2"):
         patch = int(re.search(r"patch (\d+)", spec["backbone"])[1])
+        global_tol = _tolerance_on(spec["tolerance"], "out_global")
+        cls_tol = _tolerance_on(spec["tolerance"], "out_cls")
         detector = None
         if spec["detector"]:
-            detector = SpatialAttention2d(channels).eval()
+            detector = SpatialAttention2d(channels)
             prefix = "detector."
             detector.load_state_dict(
-                {k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)}, strict=True
+                {k[len(prefix) :]: t[k] for k in spec["tensors"] if k.startswith(prefix)}, strict=True
             )
         for i, (height, width) in enumerate(spec["image_sizes_HW"]):
-            tokens = t[f"img{i}_patch_tokens"]
-            grid = (height // patch, width // patch)
-            if detector is not None:
-                descriptors, weights = detector.describe(tokens.T.reshape(channels, *grid))
-            else:
-                descriptors, weights = tokens, tokens.norm(dim=1)
-            features = [ScaleFeatures(descriptors, weights, patch_locations(grid, (height, width), patch))]
-            assert_close(select_top(features, spec["topk"]), t["out_local"][i], local_tol, f"{name} rows {i}")
-            assert_close(global_descriptor(features), t["out_global"][i], global_tol, f"{name} global {i}")
-            cls = torch.nn.functional.normalize(t[f"img{i}_cls_token"], dim=0)
-            assert_close(cls, t["out_cls"][i], global_tol, f"{name} cls {i}")
+            backbone = _StoredViT(t[f"img{i}_cls_token"], t[f"img{i}_patch_tokens"], (height, width), patch)
+            extractor = DINOv2LocalExtractor(backbone, detector=detector, topk=spec["topk"])
+            rows, global_, cls = extractor(torch.rand(3, height, width))
+            assert_close(rows, t["out_local"][i], local_tol, f"{name} rows {i}")
+            assert_close(global_, t["out_global"][i], global_tol, f"{name} global {i}")
+            assert_close(cls, t["out_cls"][i], cls_tol, f"{name} cls {i}")
     else:  # CVNet: several scales of res4 maps, no detector, receptive-field centres
-        features = []
-        for i, scale in enumerate(spec["scales"]):
-            feature_map = t[f"scale{i}_feature_map"]
-            assert feature_map.shape[0] == channels
-            descriptors = feature_map.flatten(1).T
-            grid = tuple(feature_map.shape[1:])
-            features.append(
-                ScaleFeatures(descriptors, descriptors.norm(dim=1), receptive_field_centres(grid, scale))
-            )
-        assert_close(select_top(features, spec["topk"]), t["out_local"][0], local_tol, f"{name} rows")
+        maps = [t[f"scale{i}_feature_map"] for i in range(len(spec["scales"]))]
+        assert [list(m.shape[1:]) for m in maps] == spec["feature_map_sizes_hw"]
+        backbone = _StoredCNN(maps)
+        extractor = CVNetLocalExtractor(backbone, topk=spec["topk"], scales=spec["scales"])  # type: ignore[arg-type]
+        rows, _, _ = extractor(torch.rand(3, 64, 96))
+        assert not backbone.maps, "every scale ran once"
+        assert_close(rows, t["out_local"][0], local_tol, f"{name} rows")

@@ -179,7 +179,7 @@ def _component(loss: MetricLoss, batch, expected_name: str, config: dict):
         )
         return 1 - ap.mean()
     term = expected_name.removeprefix("expected_loss_")
-    return loss.components(batch)[term]
+    return loss.compute_parts(batch)[term]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
