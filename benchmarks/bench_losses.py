@@ -60,11 +60,18 @@ def pml_pairs(num_classes: int, device: torch.device) -> dict[str, tuple[Callabl
     from pytorch_metric_learning import distances
     from pytorch_metric_learning import losses as pml_losses
     from pytorch_metric_learning import miners as pml_miners
+    from pytorch_metric_learning import reducers as pml_reducers
 
     ours_contrastive = losses.ContrastiveLoss(0.9, 0.6)
     pml_contrastive = pml_losses.ContrastiveLoss(0.9, 0.6, distance=distances.CosineSimilarity())
+    ours_contrastive_mean = losses.ContrastiveLoss(0.9, 0.6, reduction="mean")
+    pml_contrastive_mean = pml_losses.ContrastiveLoss(
+        0.9, 0.6, distance=distances.CosineSimilarity(), reducer=pml_reducers.MeanReducer()
+    )
     ours_triplet = losses.TripletMarginLoss(margin=0.05)
     pml_triplet = pml_losses.TripletMarginLoss(margin=0.05)
+    ours_cosine = losses.TripletMarginLoss(margin=0.05, distance="cosine")
+    pml_cosine = pml_losses.TripletMarginLoss(margin=0.05, distance=distances.CosineSimilarity())
     ours_semihard = losses.TripletMarginLoss(margin=0.05, selection="semihard")
     pml_semihard_miner = pml_miners.TripletMarginMiner(margin=0.05, type_of_triplets="semihard")
     ours_ms, ours_ms_miner = losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()
@@ -80,7 +87,9 @@ def pml_pairs(num_classes: int, device: torch.device) -> dict[str, tuple[Callabl
         module.to(device)
     return {
         "contrastive": (ours_contrastive, pml_contrastive, True),
+        "contrastive (mean)": (ours_contrastive_mean, pml_contrastive_mean, True),
         "triplet": (ours_triplet, pml_triplet, True),
+        "triplet (cosine)": (ours_cosine, pml_cosine, True),
         "triplet+semihard": (ours_semihard, lambda x, y: pml_triplet(x, y, pml_semihard_miner(x, y)), True),
         "multi-similarity+miner": (
             lambda x, y: ours_ms(x, y, ours_ms_miner(x, y)),

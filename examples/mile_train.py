@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--n-local", type=int, default=4)
     parser.add_argument("--head-hidden", type=int, default=256)
     parser.add_argument("--bottleneck", type=int, default=64)
+    parser.add_argument("--photometric", action="store_true")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -142,11 +143,12 @@ def main() -> None:
     target = ImageSetDataset(data / "target", eval_sets, set_eval_transform(SIZE), class_to_idx=names)
     pixels = evaluate(None, query, target)
     before = evaluate(student, query, target)
+    print(f"pixels {pixels} untrained {before}", flush=True)
 
     train = ImageSetDataset(
         data / "train",
         SetSelection(images_per_set=3, mode="random", seed=args.seed),
-        DINOMultiCrop(SIZE, 42, n_local, global_scale=(0.5, 1.0), local_scale=(0.1, 0.5)),
+        DINOMultiCrop(SIZE, 42, n_local, global_scale=(0.5, 1.0), local_scale=(0.1, 0.5), photometric=args.photometric),
     )
     loader = DataLoader(
         train, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate_multicrop_sets

@@ -4,7 +4,9 @@
 similarity matrix, distances and label masks on first use, so a loss and its miner share them. Mined pairs
 are dense (N, M) boolean masks over (anchor, reference), cheaper to build and to consume than index tuples;
 mined triplets stay index vectors, since a dense triplet mask would be O(B^3). Both convert to and from
-pytorch-metric-learning's index tuples, so miners and losses from either library can be mixed.
+pytorch-metric-learning's index tuples, so miners and losses from either library can be mixed; mined
+triplets also serve pair losses as their a-p and a-n pairs. "Same class" is label equality or a
+user-supplied ``label_comparison`` (e.g. hierarchical labels), in one place: :attr:`PairBatch.same_label`.
 """
 
 from __future__ import annotations
@@ -109,9 +111,9 @@ def as_mined(
             a1, p, a2, n = parts
             if a1.shape != p.shape or a2.shape != n.shape:
                 raise ValueError("mined pair index tensors (a1, p) and (a2, n) must be of equal length")
-            for name, t, upper in (("anchor1", a1, num_rows), ("positive", p, num_ref)):
-                _check_indices(t, name, upper)
-            for name, t, upper in (("anchor2", a2, num_rows), ("negative", n, num_ref)):
+            for name, t, upper in zip(
+                ("anchor1", "positive", "anchor2", "negative"), parts, (num_rows, num_ref) * 2, strict=True
+            ):
                 _check_indices(t, name, upper)
             mined, counts = pairs_from_indices(a1, p, a2, n, (num_rows, num_ref))
         else:

@@ -93,6 +93,18 @@ def test_multicrop_batches(tmp_path: Path) -> None:
     assert labels.tolist() == [0, 1]
 
 
+def test_multicrop_without_photometric_augmentation_keeps_the_colours() -> None:
+    """A flat-coloured image stays that colour through every crop and flip; DINO's jitter/grayscale change it."""
+    torch.manual_seed(0)
+    image = Image.new("RGB", (64, 64), color=(200, 30, 90))
+    expected = set_eval_transform(8)(image)[:, 0, 0]  # the normalised colour
+    plain_global, plain_local = DINOMultiCrop(28, 14, 2, photometric=False)(image)
+    for crop in [*plain_global, *plain_local]:
+        torch.testing.assert_close(crop, expected[:, None, None].expand_as(crop), rtol=0, atol=1e-5)
+    jittered = [c for _ in range(10) for c in DINOMultiCrop(28, 14, 2)(image)[0]]
+    assert max(float((c - expected[:, None, None]).abs().max()) for c in jittered) > 0.1
+
+
 def _load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
     assert spec is not None and spec.loader is not None

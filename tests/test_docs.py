@@ -20,6 +20,7 @@ An unknown directive or setup name is an error, so a typo cannot turn a block of
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import faiss
 import pytest
 import torch
 
@@ -75,6 +77,8 @@ def extract_blocks(path: Path) -> list[Block]:
     """The ``python`` blocks of one markdown file, with their directives resolved."""
     lines = path.read_text().splitlines()
     blocks: list[Block] = []
+    used: set[int] = set()  # lines of the directives that apply to a block
+    fenced: set[int] = set()  # lines inside code fences, where a directive is only an example
     i = 0
     while i < len(lines):
         opening = _FENCE.match(lines[i])
@@ -85,13 +89,16 @@ def extract_blocks(path: Path) -> list[Block]:
         end = i + 1
         while end < len(lines) and not re.match(rf"^{indent}{ticks}\s*$", lines[end]):
             end += 1
+        fenced.update(range(i, end + 1))
         if lang == "python":
             body = [line[len(indent) :] if line.startswith(indent) else line for line in lines[i + 1 : end]]
             block = Block(path, i + 1, textwrap.dedent("\n".join(body)) + "\n")
             where = f"{path.name}:{i + 1}"
-            previous = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
-            directive = _DIRECTIVE.match(previous)
+            above = next((j for j in range(i - 1, -1, -1) if lines[j].strip()), None)
+            directive = _DIRECTIVE.match(lines[above]) if above is not None else None
             options = _parse_directive(directive["body"], where) if directive else {}
+            if directive:
+                used.add(above)
             block.setups = [s for s in options.get("setup", "").split(",") if s]
             block.skip = options.get("reason") if "skip" in options else None
             if "continue" in options:
@@ -100,6 +107,9 @@ def extract_blocks(path: Path) -> list[Block]:
                 block.after = blocks[-1]
             blocks.append(block)
         i = end + 1
+    stray = [n + 1 for n, line in enumerate(lines) if _DIRECTIVE.match(line) and n not in used | fenced]
+    if stray:
+        raise ValueError(f"{path.name}:{stray[0]}: a doctest directive must be right above a python block")
     return blocks
 
 
@@ -113,7 +123,7 @@ Setup = Callable[[dict[str, Any], pytest.MonkeyPatch], None]
 SETUPS: dict[str, Setup] = {}
 
 
-def setup(name: str) -> Callable[[Setup], Setup]:
+def doc_setup(name: str) -> Callable[[Setup], Setup]:
     def register(fn: Setup) -> Setup:
         SETUPS[name] = fn
         return fn
@@ -134,7 +144,7 @@ SMALL_MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-@setup("offline")
+@doc_setup("offline")
 def _offline(ns: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """Weights that would be downloaded or read from a file the reader has become random ones.
 
@@ -148,7 +158,9 @@ def _offline(ns: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
 
     create = builder.create_model
 
-    def create_offline(name: str, pretrained: bool | str = False, checkpoint: Any = None, **kwargs: Any) -> Any:
+    def create_offline(
+        name: str, pretrained: bool | str = False, checkpoint: Any = None, **kwargs: Any
+    ) -> Any:
         kwargs.pop("weights", None)
         if isinstance(checkpoint, (str, os.PathLike)) and not Path(checkpoint).exists():
             checkpoint = None
@@ -160,8 +172,10 @@ def _offline(ns: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
 
     def load(repo: str, model: str, *args: Any, **kwargs: Any) -> Any:
         if repo != "org/objretrieval":
-            raise RuntimeError(f"doc block loads {repo!r} from torch.hub; only org/objretrieval is redirected")
-        return hub_load(str(REPO_ROOT), model, *args, source="local", pretrained=False, **kwargs)
+            raise RuntimeError(
+                f"doc block loads {repo!r} from torch.hub; only org/objretrieval is redirected"
+            )
+        return hub_load(str(REPO_ROOT), model, *args, source="local", **{**kwargs, "pretrained": False})
 
     monkeypatch.setattr(torch.hub, "load", load)
 
@@ -183,7 +197,7 @@ def _descriptor_file(path: str, num_images: int, rows: int, dim: int, g: torch.G
         store.write(0, data)
 
 
-@setup("ames_data")
+@doc_setup("ames_data")
 def _ames_data(ns: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """4 queries and 120 database images: global descriptors ``query_global`` (4, 64) and ``db_global``
     (120, 64); local ones as tensors ``query_local`` (2, 40, 768), ``db_local`` (2, 12, 768) with
@@ -200,7 +214,7 @@ def _ames_data(ns: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     ns["gnd"] = [{"easy": [3 * q], "hard": [3 * q + 1], "junk": [3 * q + 2]} for q in range(4)]
 
 
-@setup("images")
+@doc_setup("images")
 def _images(ns: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """Normalised random images: ``images`` (40, 3, 80, 80) of 10 classes (``labels``, ``train_labels``), two of
     them as ``image_a``/``image_b`` (and ``a``/``b``), ``batches`` (a list of 5), ``class_batch`` and
@@ -220,7 +234,7 @@ def _images(ns: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     ns["loader"] = DataLoader(TensorDataset(images[:16], labels[:16]), batch_size=8)
 
 
-@setup("avsl_run")
+@doc_setup("avsl_run")
 def _avsl_run(ns: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """``runs/cub``: the three files a run of the official AVSL code saves, for a random ``avsl_resnet50``."""
     from objretrieval.models import builder
@@ -230,7 +244,7 @@ def _avsl_run(ns: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     write_official_run(builder.create_model("avsl_resnet50"), Path("runs/cub"))
 
 
-@setup("sets")
+@doc_setup("sets")
 def _sets(ns: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """Two sets of three normalised images, ``images`` (2, 3, 3, 224, 224), the first padded to two (``mask``
     (2, 3), True at padding), and ``new_image`` (2, 3, 224, 224), one more image per set."""
@@ -245,7 +259,8 @@ def _sets(ns: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Temp cwd, one thread, seed 0, no network, and the package's module-level dicts restored afterwards."""
+    """Temp cwd, one thread (torch and faiss), seed 0, no network, and the package's module-level dicts restored
+    afterwards."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
@@ -258,15 +273,31 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
         download(url, *args, **kwargs)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", local_only)
-    threads = torch.get_num_threads()
+    threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
     torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
     torch.manual_seed(0)
+    try:
+        with package_dicts_restored():
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(faiss_threads)
+
+
+@contextlib.contextmanager
+def package_dicts_restored() -> Iterator[None]:
+    """Put back the contents of every module-level dict of objretrieval (the model and metric registries...)."""
     package = [m for name, m in list(sys.modules.items()) if name.split(".")[0] == "objretrieval" and m]
-    saved = [(d, dict(d)) for m in package for k, d in vars(m).items() if type(d) is dict and not k.startswith("__")]
+    saved = [
+        (d, dict(d))
+        for m in package
+        for k, d in vars(m).items()
+        if type(d) is dict and not k.startswith("__")
+    ]
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
         for d, contents in saved:
             d.clear()
             d.update(contents)
@@ -334,6 +365,9 @@ def test_extraction_reads_directives_and_continuations(tmp_path: Path) -> None:
             ```python
             big()
             ```
+            ```markdown
+            <!-- doctest: continue -->
+            ```
             """
         )
     )
@@ -353,6 +387,7 @@ def test_extraction_reads_directives_and_continuations(tmp_path: Path) -> None:
     [
         ("<!-- doctest: skip -->", "needs a reason"),
         ('<!-- doctest: skipp reason="x" -->', "unknown doctest directive 'skipp'"),
+        ("<!-- doctest: setup=images -->\nSome prose.\n", "must be right above a python block"),
     ],
 )
 def test_bad_directives_are_errors(tmp_path: Path, directive: str, message: str) -> None:
@@ -366,6 +401,17 @@ def test_unknown_setup_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     block = Block(REPO_ROOT / "README.md", 1, "pass\n", setups=["ofline"])
     with pytest.raises(KeyError, match="unknown doctest setup 'ofline'"):
         _run_block(block, {}, monkeypatch)
+
+
+def test_a_block_that_registers_a_model_leaves_no_trace() -> None:
+    import objretrieval
+    from objretrieval.models import register_model
+
+    before = objretrieval.list_models()
+    with package_dicts_restored():
+        register_model(name="doc_block_net")(torch.nn.Identity)
+        assert "doc_block_net" in objretrieval.list_models()
+    assert objretrieval.list_models() == before
 
 
 def test_docs_have_python_blocks_and_skips_are_rare() -> None:

@@ -118,7 +118,7 @@ def test_multi_similarity_miner_definition() -> None:
 def test_reference_embeddings_compare_against_the_references_only() -> None:
     x, y = batch()
     r, ry = batch(seed=1)
-    loss = ContrastiveLoss()
+    loss = ContrastiveLoss(0.9, 0.6)
     s = F.normalize(x, dim=1) @ F.normalize(r, dim=1).T
     same = y[:, None] == ry[None, :]
     pos = (0.9 - s).clamp(min=0)[same]

@@ -230,6 +230,19 @@ def test_reductions_match_pml_reducers(reduction: str) -> None:
         torch.testing.assert_close(ours(x, y, mined), pml(x, y, mined), msg=type(ours).__name__)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("mined", [False, True])
+def test_margin_loss_reductions_match_pml_reducers(reduction: str, mined: bool) -> None:
+    x, y = batch(spread=1.5)
+    reducer = pml_reducers.MeanReducer() if reduction == "mean" else pml_reducers.SumReducer()
+    triplets = pml_miners.TripletMarginMiner(margin=0.3, type_of_triplets="all")(x, y) if mined else None
+    ours = MarginLoss(4, margin=0.2, beta=1.0, nu=0.1, reduction=reduction).double()
+    ours.beta.data = torch.tensor([0.9, 1.0, 1.1, 1.2], dtype=torch.float64)
+    pml = pml_losses.MarginLoss(margin=0.2, nu=0.1, learn_beta=True, num_classes=4, reducer=reducer)
+    pml.beta.data = ours.beta.data.clone()
+    torch.testing.assert_close(ours(x, y, triplets), pml(x, y, triplets), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("selection", ["hard", "semihard"])
 @pytest.mark.parametrize("reduction", ["mean", "mean_nonzero"])
 def test_triplet_selection_with_reducers_matches_pml_miner_and_loss(selection: str, reduction: str) -> None:

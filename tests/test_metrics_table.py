@@ -215,7 +215,7 @@ def test_a_registered_metric_is_computed_from_the_same_search(monkeypatch) -> No
     np.testing.assert_allclose(result.per_query["precision@5"].numpy(), (y[order] == y[:, None]).mean(axis=1))
     with pytest.raises(ValueError, match="already registered"):
         register_metric(spec)
-    register_metric(MetricSpec("one_number", lambda ranks: ranks.ranks.float().mean()))
+    register_metric(MetricSpec("one_number", lambda ranks: ranks.ranks.float().mean(), depth=1))
     with pytest.raises(TypeError, match=r"one_number must give one value per query, shape \(30,\); got \(\)"):
         RetrievalEvaluator(["one_number"])(x, y)
 

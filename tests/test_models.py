@@ -493,6 +493,8 @@ def test_create_model_argument_errors(registered, hashed_name_model) -> None:
         objretrieval.create_model(NAME, checkpoint_path="w.pt")
     with pytest.raises(TypeError, match="pretrained must be a bool or a tag string, got int"):
         objretrieval.create_model(NAME, pretrained=1)
+    with pytest.raises(TypeError, match="strict must be a bool, got str"):
+        objretrieval.create_model(NAME, checkpoint={}, strict="no")
     with pytest.raises(ValueError, match="checkpoint_format applies to checkpoint"):
         objretrieval.create_model(NAME, checkpoint_format="tiny_official")
     with pytest.raises(TypeError, match=r"got TinyEmbedder; pass its state_dict\(\)"):

@@ -215,9 +215,9 @@ def test_avsl_training_example_runs(tmp_path: Path) -> None:
 
 def test_mic_training_example_runs() -> None:
     """MIC's two tasks with re-clustering on the digits beat the untrained network on unseen digits."""
-    result = _run("examples/mic_train.py")
+    result = _run("examples/mic_train.py", "--epochs", "8")  # 12 by default
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("re-clustered on the shared embedding") == 3  # after epochs 3, 7 and 11
+    assert result.stdout.count("re-clustered on the shared embedding") == 2  # after epochs 3 and 7
     rows = _table(result.stdout, r"^(untrained|trained)\s+([\d.\s]+)$")
     assert len(rows) == 2, result.stdout
     assert rows["trained"][0] > rows["untrained"][0]  # Recall@1

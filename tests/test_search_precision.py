@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from objretrieval.batch import make_pair_batch
 from objretrieval.search import knn
-from objretrieval.search.scoring import NEAR_FRACTION, near_pairs
+from objretrieval.search.scoring import NEAR_FRACTION, near_pairs, prepare, score_block
 
 
 def near_duplicates(num_bases: int, copies: int, dim: int, seed: int) -> torch.Tensor:
@@ -66,6 +66,35 @@ def test_leave_one_out_l2_search_ranks_near_duplicates_exactly() -> None:
     found = knn(x, k=5, metric="l2", block_size=32)
     assert torch.equal(found.indices, rank_by(truth, 5))
     assert max_relative_error(found.scores, truth.gather(1, found.indices)) < 1e-4
+
+
+@pytest.mark.parametrize("offset", [100.0, 0.3])
+def test_uncentred_data_is_searched_from_a_central_origin(offset: float) -> None:
+    """Far from zero, nearly every pair would cancel; measured from the data's median, only near duplicates do.
+
+    With offset 0.3 the shift itself rounds (coordinates straddle the median): near pairs must still be
+    recomputed from the unshifted values.
+    """
+    x = offset + near_duplicates(30, 4, 32, seed=4)  # spread about 1
+    gallery = x
+    queries = x[::3] + 1e-3 * torch.randn(len(x[::3]), 32, generator=torch.Generator().manual_seed(0))
+    truth = true_sq(queries, gallery)
+    for found in (
+        knn(queries, gallery, k=6, metric="l2"),
+        knn(queries, gallery, k=6, metric="l2", block_size=16),
+    ):
+        found_truth = truth.gather(1, found.indices)
+        best = truth.gather(1, rank_by(truth, 6))
+        torch.testing.assert_close(found_truth, best, rtol=1e-4, atol=0.0)  # the right items, up to ties
+        assert max_relative_error(found.scores, found_truth) < 1e-4
+        near = found_truth < 1e-4
+        assert bool(near.any())
+        assert max_relative_error(found.scores[near], found_truth[near]) < 1e-6
+    cpu = torch.device("cpu")
+    q = prepare(queries, "l2", cpu)
+    g = prepare(gallery, "l2", cpu, like=q)
+    rows, _ = near_pairs(score_block(q, g, "l2"), q.sq_norms, g.sq_norms, negated=True)
+    assert rows.numel() < 0.1 * len(queries) * len(gallery)  # from zero, every pair would be near
 
 
 def test_regression_distance_0_0044() -> None:

@@ -41,6 +41,8 @@ class DINOMultiCrop:
     (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale with p 0.2; blur with p 1.0 on the first, blur with p 0.1 and
     solarisation with p 0.2 on the second) and ``n_local`` local crops (``local_size``, ``local_scale``, blur
     with p 0.5), all normalised. MILE uses 224/98 px for patch-14 backbones and 8 local crops.
+    ``photometric=False`` keeps only the crops and flips, for images whose colours are what identifies them
+    (jitter and grayscale would teach the model to ignore exactly that).
 
     Returns ``(global_crops, local_crops)``: lists of (3, H, W) tensors.
     """
@@ -55,23 +57,21 @@ class DINOMultiCrop:
         local_scale: tuple[float, float] = (0.05, 0.4),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        photometric: bool = True,
     ) -> None:
         bicubic = T.InterpolationMode.BICUBIC
-        flip_and_jitter = T.Compose(
-            [
-                T.RandomHorizontalFlip(p=0.5),
-                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-                T.RandomGrayscale(p=0.2),
-            ]
-        )
-        normalize = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+        flip: list[Any] = [T.RandomHorizontalFlip(p=0.5)]
+        jitter = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
+        normalize = [T.ToTensor(), T.Normalize(mean, std)]
+
+        def view(crop: Any, *photo: Any) -> T.Compose:
+            return T.Compose([crop, *flip, *((*jitter, *photo) if photometric else ()), *normalize])
+
         crop = T.RandomResizedCrop(global_size, scale=global_scale, interpolation=bicubic)
-        self.global_1 = T.Compose([crop, flip_and_jitter, _PILGaussianBlur(1.0), normalize])
-        self.global_2 = T.Compose(
-            [crop, flip_and_jitter, _PILGaussianBlur(0.1), T.RandomSolarize(128, p=0.2), normalize]
-        )
+        self.global_1 = view(crop, _PILGaussianBlur(1.0))
+        self.global_2 = view(crop, _PILGaussianBlur(0.1), T.RandomSolarize(128, p=0.2))
         local_crop = T.RandomResizedCrop(local_size, scale=local_scale, interpolation=bicubic)
-        self.local = T.Compose([local_crop, flip_and_jitter, _PILGaussianBlur(0.5), normalize])
+        self.local = view(local_crop, _PILGaussianBlur(0.5))
         self.n_local = n_local
 
     def __call__(self, image: Any) -> tuple[list[Tensor], list[Tensor]]:

@@ -20,7 +20,7 @@ from objretrieval.losses.avsl import (
     AVSLProxyAnchorLoss,
     proxy_anchor_distance_loss,
 )
-from objretrieval.losses.base import MetricLoss, PairBatch, ParametricLoss
+from objretrieval.losses.base import MetricLoss, PairBatch, ParametricLoss, Reduction
 from objretrieval.losses.contextual import ContextualLoss, contextual_similarity, contextual_term
 from objretrieval.losses.contrastive import ContrastiveLoss, margin_contrastive, similarity_regularizer
 from objretrieval.losses.dino import DINOLoss, teacher_temperature_schedule
@@ -51,6 +51,7 @@ __all__ = [
     "ProxyAnchorLoss",
     "ProxyNCALoss",
     "ROADMAPLoss",
+    "Reduction",
     "SmoothAPLoss",
     "TripletMarginLoss",
     "contextual_similarity",

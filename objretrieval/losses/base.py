@@ -195,7 +195,9 @@ def reduction_divisor(reduction: Reduction, num_nonzero: Tensor, num_all: Tensor
     """The divisor of a summed loss: active count, total count, or 1; never below 1 (an empty set gives 0)."""
     if reduction == "sum":
         return torch.ones((), dtype=num_nonzero.dtype, device=num_nonzero.device)
-    count = num_nonzero if reduction == "mean_nonzero" else torch.as_tensor(num_all, device=num_nonzero.device)
+    count = (
+        num_nonzero if reduction == "mean_nonzero" else torch.as_tensor(num_all, device=num_nonzero.device)
+    )
     return count.to(num_nonzero.dtype).clamp(min=1)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -113,8 +113,17 @@ class ContrastiveLoss(MetricLoss):
     """Contrastive loss with margins on cosine similarity, averaged over the violating pairs.
 
     ``mean_{S_ij < m+} (m+ - S_ij) + mean_{S_ij > m-} (S_ij - m-)`` over positive / negative pairs (self-pairs
-    excluded). The defaults 0.9 / 0.6 are the "Contrastive" baseline of Liao et al. (ICML 2023). This equals
-    pytorch-metric-learning's ``ContrastiveLoss(pos_margin, neg_margin, distance=CosineSimilarity())``.
+    excluded). This equals pytorch-metric-learning's ``ContrastiveLoss(pos_margin, neg_margin,
+    distance=CosineSimilarity())``.
+
+    The defaults 1.0 / 0.5 are PML's defaults carried over to cosine similarity: every positive pair is pulled
+    (PML's positive distance margin 0) and negatives are pushed below similarity 0.5, i.e. apart to unit
+    distance on the sphere (PML's negative margin 1). They train from a random start, where a whole batch is
+    nearly one direction; with a positive margin below 1 such a start pulls no positive pair at all until the
+    negatives have spread. Preset (:meth:`~objretrieval.losses.MetricLoss.from_preset`):
+
+    - ``"liao2023"``: 0.9 / 0.6, the "Contrastive" baseline of Liao et al. (ICML 2023), tuned on pretrained
+      ResNet-50 features (``shared/specs/contextual.md`` section 2).
 
     Mined triplets are used as their pairs (a-p positive, a-n negative); a pair mined several times counts
     that many times, as in PML.
@@ -127,10 +136,12 @@ class ContrastiveLoss(MetricLoss):
         label_comparison: optional ``(labels, ref_labels) -> (N, M) bool`` "same class" matrix.
     """
 
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"liao2023": {"pos_margin": 0.9, "neg_margin": 0.6}}
+
     def __init__(
         self,
-        pos_margin: float = 0.9,
-        neg_margin: float = 0.6,
+        pos_margin: float = 1.0,
+        neg_margin: float = 0.5,
         *,
         reduction: Reduction = "mean_nonzero",
         label_comparison: LabelComparison | None = None,

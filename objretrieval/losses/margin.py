@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from objretrieval._validation import check_choice, check_number, check_positive_int
 from objretrieval.batch import LabelComparison, MinedPairs, MinedTriplets
-from objretrieval.losses.base import PairBatch, ParametricLoss
+from objretrieval.losses.base import PairBatch, ParametricLoss, Reduction, reduction_divisor
 
 Normalizer = Literal["active_terms", "active_triplets"]
 
@@ -33,11 +33,21 @@ class MarginLoss(ParametricLoss):
         beta: initial class margin.
         nu: weight of the margin regulariser ``nu * sum(beta_a)`` (0 in MIC), divided like the loss.
         learn_beta: learn one margin per class; if False, beta is a constant and num_classes is not needed.
-        normalizer: ``"active_terms"`` or ``"active_triplets"`` (see above).
+        normalizer: ``"active_terms"`` or ``"active_triplets"`` (see above), for ``reduction="mean_nonzero"``.
         normalize_embeddings: L2-normalise first (MIC's network already outputs unit vectors).
         label_comparison: optional ``(labels, ref_labels) -> (N, M) bool`` "same class" matrix (the margin
             beta_a is still the anchor's own label's).
+        reduction: ``"mean_nonzero"`` (divide by the active count of ``normalizer``; PML's default
+            ``DivisorReducer``), ``"mean"`` (by the number of triplets, PML's ``MeanReducer``) or ``"sum"``.
+
+    The defaults (alpha 0.2, beta 1.2, learnt per-class margins) are the paper's; they train from a random
+    start. Preset (:meth:`~objretrieval.losses.MetricLoss.from_preset`): ``"mic"``, MIC's setting (Roth et al.,
+    ICCV 2019: the same values, ``nu`` 0, counted over active terms; pass ``num_classes``).
     """
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "mic": {"margin": 0.2, "beta": 1.2, "nu": 0.0, "normalizer": "active_terms"}
+    }
 
     accepts_mined: ClassVar[tuple[type, ...]] = (MinedPairs, MinedTriplets)
     default_lr_multiplier: ClassVar[float] = 50.0  # MIC: margins at 5e-4 for a 1e-5 network learning rate
@@ -54,8 +64,10 @@ class MarginLoss(ParametricLoss):
         normalize_embeddings: bool = True,
         *,
         label_comparison: LabelComparison | None = None,
+        reduction: Reduction = "mean_nonzero",
     ) -> None:
         super().__init__(normalize_embeddings=normalize_embeddings, label_comparison=label_comparison)
+        self.reduction: Reduction = check_choice(reduction, "reduction", Reduction)
         if learn_beta and num_classes is None:
             raise ValueError("num_classes (>= 1) is required to learn per-class margins (learn_beta=True)")
         if num_classes is not None:
@@ -102,7 +114,9 @@ class MarginLoss(ParametricLoss):
             count = (pos > 0).sum() + (neg > 0).sum()
         else:
             count = ((pos > 0) | (neg > 0)).sum()
-        return ((pos + neg).sum() + self.nu * beta.sum()) / count.clamp(min=1)
+        return ((pos + neg).sum() + self.nu * beta.sum()) / reduction_divisor(
+            self.reduction, count, a.numel()
+        )
 
     def _all(self, batch: PairBatch) -> Tensor | None:
         """Every (anchor, positive, negative): the terms separate, sum_{a,p,n} = sum_{a,p} N_a + sum_{a,n} P_a."""
@@ -122,4 +136,4 @@ class MarginLoss(ParametricLoss):
                 count = (num_pos * num_neg - (num_pos - pos_active) * (num_neg - neg_active)).sum()
         total = (pos.sum(1) * num_neg + neg.sum(1) * num_pos).sum()
         reg = self.nu * (beta.squeeze(1) * num_pos * num_neg).sum()
-        return (total + reg) / count.clamp(min=1)
+        return (total + reg) / reduction_divisor(self.reduction, count, (num_pos * num_neg).sum())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from torch import Tensor
 
 from objretrieval._validation import check_choice, check_number
@@ -24,7 +26,13 @@ class MultiSimilarityLoss(MetricLoss):
         reduction: over anchors, ``"mean"`` (PML's default ``MeanReducer``), ``"mean_nonzero"`` (over the
             anchors with a positive loss) or ``"sum"``.
         label_comparison: optional ``(labels, ref_labels) -> (N, M) bool`` "same class" matrix.
+
+    The defaults are PML's. Preset (:meth:`~objretrieval.losses.MetricLoss.from_preset`): ``"liao2023"``, the
+    "MS+miner" baseline of Liao et al. (ICML 2023, 224 code ``MultiSimilarityLossWithMiner``): the same
+    values, with ``MultiSimilarityMiner(epsilon=0.1)`` passed by the caller.
     """
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"liao2023": {"alpha": 2.0, "beta": 50.0, "base": 0.5}}
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ one class per batch is fine. Proxies train at a larger learning rate: use :meth:
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,14 @@ class ProxyAnchorLoss(_ProxyLoss):
         embedding_size: embedding dimension.
         margin: delta, >= 0.
         alpha: scale, > 0.
+
+    The defaults are the paper's (and PML's); they train from a random start. Preset
+    (:meth:`~objretrieval.losses.MetricLoss.from_preset`): ``"kim2020"``, Kim et al. (CVPR 2020) and the
+    Proxy-Anchor baseline of Liao et al. (ICML 2023): the same values (pass ``num_classes`` and
+    ``embedding_size``).
     """
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"kim2020": {"margin": 0.1, "alpha": 32.0}}
 
     def __init__(
         self, num_classes: int, embedding_size: int, margin: float = 0.1, alpha: float = 32.0
@@ -109,7 +116,17 @@ class ProxyNCALoss(_ProxyLoss):
         num_classes: number of classes (labels must lie in [0, num_classes)).
         embedding_size: embedding dimension.
         softmax_scale: the scale, > 0.
+
+    The default scale 9 trains from a random start (PML's default, 1, trains more slowly). Presets
+    (:meth:`~objretrieval.losses.MetricLoss.from_preset`; pass ``num_classes`` and ``embedding_size``):
+    ``"liao2023"``, the Proxy-NCA baseline of Liao et al. (ICML 2023) in their 224 code (scale 9), and
+    ``"liao2023_256"``, their 256 code (scale 10) (``shared/specs/contextual.md`` section 2).
     """
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "liao2023": {"softmax_scale": 9.0},
+        "liao2023_256": {"softmax_scale": 10.0},
+    }
 
     def __init__(self, num_classes: int, embedding_size: int, softmax_scale: float = 9.0) -> None:
         super().__init__(num_classes, embedding_size)

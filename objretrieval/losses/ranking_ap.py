@@ -7,7 +7,7 @@ Memory is O(chunk x B^2) for a query chunk, by construction of the method.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -105,10 +105,15 @@ class SmoothAPLoss(MetricLoss):
         rank_query_itself: reproduce the reference code, which ranks each query in its own list (see
             :func:`ranking_average_precision`).
         label_comparison: optional ``(labels, ref_labels) -> (N, M) bool`` "same class" matrix.
+
+    The default temperature is the paper's. Preset (:meth:`~objretrieval.losses.MetricLoss.from_preset`):
+    ``"liao2023"``, the Smooth-AP baseline of Liao et al. (ICML 2023) as their code computes it (each query
+    ranked in its own list).
     """
 
     supports_ref: ClassVar[bool] = False
     accepts_mined: ClassVar[tuple[type, ...]] = ()
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"liao2023": {"tau": 0.01, "rank_query_itself": True}}
 
     def __init__(
         self,
@@ -135,8 +140,11 @@ class SmoothAPLoss(MetricLoss):
 class ROADMAPLoss(MetricLoss):
     """ROADMAP: ``(1 - lam) (1 - mean SupAP) + lam * contrastive``, the contrastive term calibrating scores.
 
-    With ``lam=0.5`` and margins 0.9 / 0.6 this is the "Roadmap" baseline of Liao et al. (ICML 2023); ``lam=0``
-    gives SupAP alone.
+    ``lam=0`` gives SupAP alone. The defaults train from a random start: SupAP itself pulls the positives
+    that the contrastive term's positive margin leaves alone. Preset
+    (:meth:`~objretrieval.losses.MetricLoss.from_preset`): ``"liao2023"``, the "Roadmap" baseline of Liao et
+    al. (ICML 2023) as their code computes it (``lam`` 0.5, margins 0.9 / 0.6, each query ranked in its own
+    list).
 
     Args:
         lam: weight of the contrastive term, in [0, 1].
@@ -154,6 +162,9 @@ class ROADMAPLoss(MetricLoss):
 
     supports_ref: ClassVar[bool] = False
     accepts_mined: ClassVar[tuple[type, ...]] = ()
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "liao2023": {"lam": 0.5, "pos_margin": 0.9, "neg_margin": 0.6, "rank_query_itself": True}
+    }
 
     def __init__(
         self,

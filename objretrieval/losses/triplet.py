@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -47,7 +47,14 @@ class TripletMarginLoss(MetricLoss):
             ``"mean"`` (over every considered triplet, PML's ``MeanReducer``; with ``"hard"`` and
             ``"semihard"`` every selected triplet has a positive loss, so the two agree) or ``"sum"``.
         label_comparison: optional ``(labels, ref_labels) -> (N, M) bool`` "same class" matrix.
+
+    The defaults are PML's, which train from a random start. Preset
+    (:meth:`~objretrieval.losses.MetricLoss.from_preset`): ``"liao2023"``, the "Triplet" baseline of Liao et
+    al. (ICML 2023): margin 0.05 on triplets from ``DistanceWeightedMiner(cutoff=0.5,
+    nonzero_loss_cutoff=1.4)``, which the caller passes (``shared/specs/contextual.md`` section 2).
     """
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"liao2023": {"margin": 0.05}}
 
     def __init__(
         self,

@@ -36,7 +36,8 @@ class NeighborLists:
     """What a ``"neighbors"`` metric sees: each query's ranked gallery ids with their scores.
 
     Attributes:
-        scores: (Q, K) float32 scores along each ranking; distances when ``higher_is_better`` is False.
+        scores: (Q, K) scores along each ranking, distances when ``higher_is_better`` is False; None for a
+            ranking given without scores (:meth:`RetrievalEvaluator.from_ranking`).
         indices: (Q, K) int64 gallery ids, best first; -1 marks an empty slot.
         query_labels: (Q,) int64.
         gallery_labels: (N,) int64.

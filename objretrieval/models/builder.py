@@ -77,6 +77,9 @@ def create_model(
     """
     base, tag = split_model_name(name)
     entry = get_model_entry(base)
+    for flag, value in (("strict", strict), ("weights_only", weights_only), ("progress", progress)):
+        if not isinstance(value, bool):  # a truthy string such as "no" would otherwise mean True
+            raise TypeError(f"{flag} must be a bool, got {type(value).__name__}")
     if pretrained and checkpoint is not None:
         raise ValueError("pass either pretrained or checkpoint, not both")
     if checkpoint_format is not None and checkpoint is None:

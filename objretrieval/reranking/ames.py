@@ -34,7 +34,7 @@ LocalDescriptors = tuple[Tensor, Tensor]
 
 @dataclass(frozen=True)
 class _Source:
-    """Images read by id: ``read(ids) -> (data (n, T, ...), padding (n, T) bool)`` on the CPU."""
+    """Images read by id: ``read(ids) -> (data (n, T, ...), padding (n, T) bool)``, where the source keeps them."""
 
     kind: Kind
     size: int
@@ -102,7 +102,7 @@ def _source(source: Any, name: str, max_descriptors: int) -> _Source:
             "descriptors",
             descriptors.shape[0],
             name,
-            lambda ids: (descriptors[ids].cpu(), padding[ids].cpu()),
+            lambda ids: (descriptors[ids], padding[ids]),
         )
     raise TypeError(
         f"{name} must be (descriptors, padding) tensors, a DescriptorStore, a BinaryCodeStore or a DatabaseCache, "

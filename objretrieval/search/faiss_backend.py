@@ -155,22 +155,22 @@ def faiss_search(
         faiss_index = faiss.index_factory(dim, factory, faiss_metric)
     except RuntimeError as err:  # faiss reports a bad factory string as a C++ exception dump
         raise ValueError(f"FaissOptions.index={options.index!r} is not a valid faiss factory string") from err
-    pending = [as_numpy(prepare(first, metric, cpu))]
+    pending = [as_numpy(prepare(first, metric, cpu, like=q))]
     if not faiss_index.is_trained:
         # Buffer the first rows for training, so one-shot iterables are still read only once.
         buffered = len(pending[0])
         for _, block in blocks:
             if buffered >= options.train_size:
-                pending.append(as_numpy(prepare(block, metric, cpu)))
+                pending.append(as_numpy(prepare(block, metric, cpu, like=q)))
                 break
-            pending.append(as_numpy(prepare(block, metric, cpu)))
+            pending.append(as_numpy(prepare(block, metric, cpu, like=q)))
             buffered += len(pending[-1])
         faiss_index.train(np.concatenate(pending)[: options.train_size])
     for array in pending:
         faiss_index.add(array)
     total = None if gallery.num_rows is None else -(-gallery.num_rows // gallery.block_size)
     for _, block in tqdm(blocks, total=total, initial=len(pending), disable=not progress, desc="faiss add"):
-        faiss_index.add(as_numpy(prepare(block, metric, cpu)))
+        faiss_index.add(as_numpy(prepare(block, metric, cpu, like=q)))
 
     params = faiss.ParameterSpace()
     if options.nprobe is not None:
