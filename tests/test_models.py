@@ -516,3 +516,12 @@ def test_list_pretrained_lists_only_configurations_with_weights(hashed_name_mode
     register_model(pretrained=cfgs, name=hashed_name_model)(TinyEmbedder)
     assert objretrieval.list_pretrained("hashed_*") == [f"{hashed_name_model}.real"]
     assert objretrieval.create_model(f"{hashed_name_model}.meta").pretrained_cfg.input_size == (3, 8, 8)
+
+
+def test_shipped_pretrained_weights_are_fetched_over_https() -> None:
+    listed = objretrieval.list_pretrained()
+    assert listed, "the shipped registry lists pretrained weights"
+    for full in listed:
+        name, tag = split_model_name(full)
+        url = get_model_entry(name).pretrained_cfgs[tag].url
+        assert url is not None and url.startswith("https://"), full

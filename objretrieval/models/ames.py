@@ -402,7 +402,7 @@ AMES_OFFICIAL = CheckpointFormat(
     description="torch.save({'state': model.state_dict(), ...}) as released by pavelsuma/ames",
 )
 
-_WEIGHTS = "http://ptak.felk.cvut.cz/personal/sumapave/public/ames/networks/{}.pt"
+_WEIGHTS = "https://ptak.felk.cvut.cz/personal/sumapave/public/ames/networks/{}.pt"
 _PAPER = "Suma et al., AMES: Asymmetric and Memory-Efficient Similarity Estimation, ECCV 2024"
 
 

@@ -1,9 +1,9 @@
 """faiss as an optional kNN backend: exact flat search, or IVF / HNSW for large galleries.
 
-The gallery is streamed into the index block by block (IVF trains on the first ``train_size`` rows), queries
-are searched in one call, and results are returned in objretrieval's conventions: internal scores higher is
-better, rows sorted by (score, index). faiss does not promise which of several items tied at the k-th place it
-returns; the torch backend does.
+:class:`FaissOptions` holds the backend's settings. The gallery is streamed into the index block by block
+(IVF trains on the first ``train_size`` rows), queries are searched in one call, and results are returned in
+objretrieval's conventions: internal scores higher is better, rows sorted by (score, index). faiss does not
+promise which of several items tied at the k-th place it returns; the torch backend does.
 
 Approximate indexes may find fewer than ``k`` items for a query (an IVF query whose probed lists hold too few
 items). Those slots are missing: index -1 and the worst possible score, so they always rank last.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -24,10 +23,6 @@ from objretrieval._validation import check_positive_int
 from objretrieval.search.scoring import Metric, Prepared, prepare
 from objretrieval.search.sources import BlockSource
 from objretrieval.search.topk import sort_by_score_then_index
-
-#: Shorthand names accepted for ``FaissOptions.index``; anything else is passed to ``faiss.index_factory``.
-IndexShorthand = Literal["flat", "ivf", "hnsw"]
-INDEX_SHORTHANDS: tuple[str, ...] = get_args(IndexShorthand)
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,8 @@ def knn(
             torch backend then computes each pair's score once, using the symmetry of the score matrix.
         k: neighbours per query.
         metric: ``"cosine"`` (vectors are L2-normalised first), ``"ip"`` (raw inner product) or ``"l2"``
-            (squared Euclidean distance).
+            (squared Euclidean distance; nearly coincident pairs, where the matrix-product formula cancels,
+            are recomputed from their differences).
         exclude: optional (Q,) int64 gallery index to exclude for each query, -1 for none.
         backend: ``"torch"`` (exact, CPU or CUDA) or ``"faiss"`` (CPU; exact or approximate, see ``faiss``).
         faiss: options of the faiss backend (index type, ``nprobe``, ``ef_search``, ``train_size``); only with
