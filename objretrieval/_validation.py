@@ -214,3 +214,17 @@ def check_label_rows(labels: Any, name: str, length: int | None = None, length_o
         raise ValueError(f"{name} has no label levels: shape {tuple(t.shape)}")
     check_labels(t[:, 0], name, length, length_of)  # dtype and length
     return t.to(torch.int64)
+
+
+def check_padded_sets(values: Tensor, name: str, mask: Any, what: str = "set") -> Tensor | None:
+    """Validate sets ``values`` (S, N, ...) with an optional (S, N) padding mask (True at padded slots).
+
+    Returns the mask as a bool tensor on ``values``' device. Every set needs a real element and real elements
+    must be finite, each failure naming the set; padded slots may hold anything, as they are never read.
+    """
+    if mask is not None:
+        mask = check_padding_mask(mask, "mask", tuple(values.shape[:2]), values.device)
+        check_not_all_padded(mask, "mask", what)
+        values = values.masked_fill(mask.view(*mask.shape, *(1,) * (values.ndim - 2)), 0)
+    check_finite_values(values, name)  # the row it names is the set
+    return mask

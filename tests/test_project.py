@@ -56,19 +56,18 @@ def test_evaluation_demo_runs() -> None:
 
 
 def test_quickstart_training_improves_retrieval(tmp_path: Path) -> None:
-    """The README's main command, shortened: a few epochs already lift retrieval on the unseen digits."""
+    """The README's main command on one thread (deterministic): the trained model beats raw pixels and the
+    untrained network on the unseen digits, and its Recall@8 does not fall."""
     picture = tmp_path / "neighbours.png"
-    result = _run("examples/quickstart.py", "--epochs", "6", "--out", str(picture))
+    result = _run("examples/quickstart.py", "--epochs", "30", "--threads", "1", "--out", str(picture))
     assert result.returncode == 0, result.stderr
-    rows = {}
-    for line in result.stdout.splitlines():
-        m = re.match(r"^(untrained|trained)\s+([\d.\s]+)$", line)
-        if m:
-            rows[m[1]] = [float(v) for v in m[2].split()]
-    assert set(rows) == {"untrained", "trained"}, result.stdout
-    recall_1, map_r = 0, 4
-    assert rows["trained"][recall_1] > rows["untrained"][recall_1]
-    assert rows["trained"][map_r] > 1.3 * rows["untrained"][map_r]
+    rows = _table(result.stdout, r"^(raw pixels|untrained|trained)\s+([\d.\s]+)$")
+    assert set(rows) == {"raw pixels", "untrained", "trained"}, result.stdout
+    recall_1, recall_8, map_r = 0, 3, 4
+    for baseline in ("raw pixels", "untrained"):
+        assert rows["trained"][recall_1] > rows[baseline][recall_1], result.stdout
+        assert rows["trained"][map_r] > 1.3 * rows[baseline][map_r], result.stdout
+    assert rows["trained"][recall_8] >= rows["untrained"][recall_8], result.stdout
     assert picture.is_file() and picture.stat().st_size > 10_000
     assert "training" in result.stderr  # the tqdm progress bar
 
@@ -184,17 +183,23 @@ def test_ames_revisited_script_reads_the_official_data_layout(tmp_path: Path) ->
 
 
 def test_mile_training_example_runs(tmp_path: Path) -> None:
-    """Folder-per-object data -> a few SSL steps -> set embeddings of query/target folders -> AR@10."""
+    """Folder-per-object data -> SSL -> set embeddings of query/target folders: AR@10 rises well above the
+    untrained model, and where raw pixels stay ahead the output says why (a ViT from random weights)."""
     out = tmp_path / "mile"
     result = _run(
         "examples/mile_train.py",
-        *("--steps", "6", "--train-objects", "8", "--test-objects", "12", "--out", str(out)),
+        *("--steps", "200", "--eval-every", "0", "--threads", "1", "--out", str(out)),
     )
     assert result.returncode == 0, result.stderr
     losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", result.stdout)]
     assert losses and all(0 < v < 20 for v in losses), result.stdout
-    rows = _table(result.stdout, r"^(untrained|after SSL \(teacher\))\s+([\d.]+)$")
-    assert len(rows) == 2 and all(0.0 <= v[0] <= 100.0 for v in rows.values()), result.stdout
+    rows = _table(result.stdout, r"^(raw pixels|untrained|after SSL \(teacher\))\s+([\d.\s]+)$")
+    assert set(rows) == {"raw pixels", "untrained", "after SSL (teacher)"}, result.stdout
+    ar10 = {name: values[0] for name, values in rows.items()}
+    trained, untrained, pixels = ar10["after SSL (teacher)"], ar10["untrained"], ar10["raw pixels"]
+    assert trained > untrained + 4.0, result.stdout
+    if trained < pixels:
+        assert "raw pixels win: the backbone is a 2-block ViT trained from random weights" in result.stdout
     assert (out / "mile_teacher.pt").is_file()
     assert sorted(p.name for p in (out / "data" / "query").iterdir()) == sorted(
         p.name for p in (out / "data" / "target").iterdir()

@@ -21,23 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objretrieval._validation import check_finite_values, check_not_all_padded, check_padding_mask
+from objretrieval._validation import check_finite_values, check_padded_sets
 from objretrieval.models.heads import DINOHead, rename_weight_norm_keys
 from objretrieval.models.registry import CheckpointFormat, PretrainedCfg, register_model
-
-
-def check_sets(values: Tensor, name: str, mask: Tensor | None, what: str = "set") -> Tensor | None:
-    """Validate sets ``values`` (S, N, ...) with an optional (S, N) padding mask (True at padded slots).
-
-    Returns the mask as a bool tensor on ``values``' device. Every set needs a real element, and real
-    elements must be finite; padded slots may hold anything (they are never read), so NaN there is fine.
-    """
-    if mask is not None:
-        mask = check_padding_mask(mask, "mask", tuple(values.shape[:2]), values.device)
-        check_not_all_padded(mask, "mask", what)
-        values = values.masked_fill(mask.view(*mask.shape, *(1,) * (values.ndim - 2)), 0)
-    check_finite_values(values, name)  # the row it names is the set
-    return mask
 
 
 class MILEAggregator(nn.Module):
@@ -126,7 +112,7 @@ class MILEAggregator(nn.Module):
         s, n, _ = features.shape
         if n == 0:
             raise ValueError("features has no images (second dimension is 0)")
-        mask = check_sets(features, "features", mask)
+        mask = check_padded_sets(features, "features", mask)
         if mask is not None and not bool(mask.any()):
             mask = None
         if mixing_groups is not None:
@@ -278,7 +264,7 @@ class MILE(nn.Module):
         """
         if images.ndim < 5 or images.shape[-3] != 3:
             raise ValueError(f"images must be (B, N, ..., 3, H, W), got {tuple(images.shape)}")
-        mask = check_sets(images, "images", mask)
+        mask = check_padded_sets(images, "images", mask)
         kept = images if mask is None else images[~mask]
         encoded = self.encode_images(kept.flatten(0, -4)).view(*kept.shape[:-3], -1)
         if mask is None:

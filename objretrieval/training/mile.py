@@ -30,9 +30,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from objretrieval._validation import check_padded_sets
 from objretrieval.data.image_sets import MultiCropSetBatch
 from objretrieval.losses.dino import DINOLoss
-from objretrieval.models.mile import MILE, check_sets
+from objretrieval.models.mile import MILE
 from objretrieval.training.optim import clip_gradients_per_tensor, ema_update, weight_decay_groups
 from objretrieval.training.schedules import DINOSchedules
 
@@ -74,9 +75,9 @@ def _check_batch(batch: MultiCropSetBatch) -> MultiCropSetBatch:
         raise ValueError(
             f"local_crops must be (B, K, L, 3, h, w) with B, K = {tuple(g.shape[:2])}, got {tuple(local.shape)}"
         )
-    mask = check_sets(g, "global_crops", batch.mask, "object")
+    mask = check_padded_sets(g, "global_crops", batch.mask, "object")
     if local is not None:
-        check_sets(local, "local_crops", mask, "object")
+        check_padded_sets(local, "local_crops", mask, "object")
     return MultiCropSetBatch(g, local, mask)
 
 
