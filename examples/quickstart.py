@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/quickstart_neighbours.png"))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)  # a network this small gains little from more, and loses on a busy machine
+    torch.set_num_threads(args.threads)  # more threads help this small network little, hurt when busy
     torch.manual_seed(args.seed)
     start = time.perf_counter()
 

@@ -198,7 +198,9 @@ def check_label_range(labels: Tensor, name: str, num_classes: int) -> Tensor:
     return labels
 
 
-def check_label_rows(labels: Any, name: str, length: int | None = None, length_of: str | None = None) -> Tensor:
+def check_label_rows(
+    labels: Any, name: str, length: int | None = None, length_of: str | None = None
+) -> Tensor:
     """Return integer labels with one entry or one row per item, (N,) or (N, L) (e.g. hierarchical levels).
 
     The same rules as :func:`check_labels`, for labels that a custom comparison reads level by level.

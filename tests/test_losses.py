@@ -221,8 +221,9 @@ def test_param_groups() -> None:
     assert group["lr"] == pytest.approx(1e-2) and group["params"][0] is proxy.proxies
     assert proxy.param_groups(1e-4, multiplier=10)[0]["lr"] == pytest.approx(1e-3)
     margin = MarginLoss(5)
-    (group,) = margin.param_groups(lr=1e-5)
+    (group,) = margin.param_groups(lr=1e-5, multiplier=50)  # MIC's margins: 5e-4 for a 1e-5 network
     assert group["lr"] == pytest.approx(5e-4) and group["weight_decay"] == 0.0
+    assert margin.param_groups(lr=1e-3)[0]["lr"] == pytest.approx(1e-3)  # by default the network's rate
     before = proxy.proxies.detach().clone()
     opt = torch.optim.SGD(proxy.param_groups(lr=1e-3))
     proxy(torch.randn(10, 8), torch.randint(0, 5, (10,))).backward()

@@ -117,7 +117,8 @@ class ProxyNCALoss(_ProxyLoss):
         embedding_size: embedding dimension.
         softmax_scale: the scale, > 0.
 
-    The default scale 9 trains from a random start (PML's default, 1, trains more slowly). Presets
+    The default scale 9 trains from a random start (PML's default, 1, ends lower in
+    ``benchmarks/bench_training.py``). Presets
     (:meth:`~objretrieval.losses.MetricLoss.from_preset`; pass ``num_classes`` and ``embedding_size``):
     ``"liao2023"``, the Proxy-NCA baseline of Liao et al. (ICML 2023) in their 224 code (scale 9), and
     ``"liao2023_256"``, their 256 code (scale 10) (``shared/specs/contextual.md`` section 2).
