@@ -13,13 +13,14 @@ scores, indices = pairwise_knn(AVSLScorer(avsl, features), k=10, exclude_self=Tr
 
 from objretrieval.search.faiss_backend import FaissOptions
 from objretrieval.search.knn import Backend, Neighbors, knn
-from objretrieval.search.pairwise import PairwiseScorer, pairwise_knn
+from objretrieval.search.pairwise import BlockScorer, PairwiseScorer, pairwise_knn, score_candidates
 from objretrieval.search.scoring import METRICS, Metric
 from objretrieval.search.sources import BlockSource, GalleryLike
 
 __all__ = [
     "METRICS",
     "Backend",
+    "BlockScorer",
     "BlockSource",
     "FaissOptions",
     "GalleryLike",
@@ -28,4 +29,5 @@ __all__ = [
     "PairwiseScorer",
     "knn",
     "pairwise_knn",
+    "score_candidates",
 ]
