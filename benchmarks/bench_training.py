@@ -61,7 +61,7 @@ LOSSES: dict[str, tuple[Factory, Factory | None]] = {
         lambda: (pml_losses.MultiSimilarityLoss(), pml_miners.MultiSimilarityMiner()),
     ),
     "MarginLoss": (
-        lambda: (ours.MarginLoss(NUM_CLASSES), None),
+        lambda: (ours.MarginLoss(), None),
         lambda: (pml_losses.MarginLoss(), None),
     ),
     "ProxyAnchorLoss": (

@@ -40,7 +40,7 @@ LOSSES: dict[str, Callable[[], tuple[nn.Module, Any]]] = {
     "triplet": lambda: (TripletMarginLoss(), None),
     "multi_similarity": lambda: (MultiSimilarityLoss(), None),
     "multi_similarity+miner": lambda: (MultiSimilarityLoss(), MultiSimilarityMiner()),
-    "margin": lambda: (MarginLoss(5), None),
+    "margin": lambda: (MarginLoss(), None),
     "proxy_anchor": lambda: (ProxyAnchorLoss(5, DIM), None),
     "proxy_nca": lambda: (ProxyNCALoss(5, DIM), None),
     "smooth_ap": lambda: (SmoothAPLoss(), None),

@@ -487,3 +487,13 @@ def test_pairwise_loss_errors() -> None:
         PairDistillationLoss(alpha=1.5)
     with pytest.raises(ValueError, match="kind must be one of"):
         PairDistillationLoss(kind="kl")  # type: ignore[arg-type]
+
+
+def test_margin_loss_learns_per_class_margins_only_when_given_classes() -> None:
+    fixed = MarginLoss()
+    assert not fixed.learn_beta and list(fixed.parameters()) == []  # PML's default: one constant beta
+    learnt = MarginLoss(3)
+    assert learnt.learn_beta and learnt.beta.shape == (3,) and learnt.beta.requires_grad
+    assert not MarginLoss(3, learn_beta=False).learn_beta
+    with pytest.raises(ValueError, match="num_classes"):
+        MarginLoss(learn_beta=True)
