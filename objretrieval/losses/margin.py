@@ -44,8 +44,9 @@ class MarginLoss(ParametricLoss):
     The defaults (alpha 0.2, beta 1.2) are the paper's. ``MarginLoss()`` keeps beta fixed, as PML's default:
     on the digits benchmark (``benchmarks/bench_training.py``) learnt per-class margins matched a fixed one from
     a random start (74.5 against 75.7 Recall@1) but cost 3.5 points from a pretrained start (72.5 against 76.0),
-    the margins moving while the embedding is already good. ``MarginLoss(num_classes)`` learns them, as MIC. Preset (:meth:`~objretrieval.losses.MetricLoss.from_preset`): ``"mic"``, MIC's setting (Roth et al.,
-    ICCV 2019: the same values, ``nu`` 0, counted over active terms; pass ``num_classes``).
+    the margins moving while the embedding is already good. ``MarginLoss(num_classes)`` learns them, as MIC.
+    Preset (:meth:`~objretrieval.losses.MetricLoss.from_preset`): ``"mic"``, MIC's setting (Roth et al.,
+    ICCV 2019: the same values, learnt margins, ``nu`` 0, counted over active terms; pass ``num_classes``).
     """
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
