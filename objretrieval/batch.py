@@ -131,7 +131,11 @@ def as_mined(
             f"and {tuple(mined.negative.shape)}"
         )
     if isinstance(mined, MinedPairs):
-        mined = MinedPairs(*(m.to(device=device, dtype=torch.bool) for m in mined))
+        if mined.positive.dtype != torch.bool or mined.negative.dtype != torch.bool:
+            raise TypeError(  # a cast would turn a weight of 0.5 into a selected pair
+                f"mined pair masks must be bool, got {mined.positive.dtype} and {mined.negative.dtype}"
+            )
+        mined = MinedPairs(*(m.to(device) for m in mined))
     if isinstance(mined, MinedTriplets):
         a, p, n = (t.to(device).long() for t in mined)
         if not a.shape == p.shape == n.shape or a.ndim != 1:

@@ -497,3 +497,10 @@ def test_margin_loss_learns_per_class_margins_only_when_given_classes() -> None:
     assert not MarginLoss(3, learn_beta=False).learn_beta
     with pytest.raises(ValueError, match="num_classes"):
         MarginLoss(learn_beta=True)
+
+
+def test_mined_pair_masks_must_be_bool() -> None:
+    x, y = torch.randn(8, 4), torch.arange(4).repeat_interleave(2)
+    weights = torch.full((8, 8), 0.5)
+    with pytest.raises(TypeError, match="mined pair masks must be bool"):
+        ContrastiveLoss()(x, y, MinedPairs(weights, weights))

@@ -525,3 +525,8 @@ def test_shipped_pretrained_weights_are_fetched_over_https() -> None:
         name, tag = split_model_name(full)
         url = get_model_entry(name).pretrained_cfgs[tag].url
         assert url is not None and url.startswith("https://"), full
+
+
+def test_an_empty_checkpoint_is_refused_even_when_not_strict() -> None:
+    with pytest.raises(CheckpointMismatchError, match="shares no key"):
+        load_state_dict_into(nn.Linear(2, 2), {}, strict=False)

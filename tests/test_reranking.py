@@ -233,3 +233,10 @@ def test_an_approximate_faiss_shortlist_keeps_its_missing_entries_last() -> None
         real = found[found >= 0]
         assert torch.equal(row[len(real) :], torch.full((50 - len(real),), -1))  # missing: last, still -1
         assert torch.equal(row[: len(real)], real[table[q, real].argsort(descending=True)])  # lamb = 0
+
+
+def test_database_cache_refuses_a_non_bool_keep_mask() -> None:
+    from objretrieval.reranking import DatabaseCache
+
+    with pytest.raises(TypeError, match="keep must be a bool tensor"):
+        DatabaseCache(torch.ones(3, 4, dtype=torch.uint8), tokens=torch.zeros(3, 4, 8, dtype=torch.float16))

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from objretrieval._validation import check_not_meta
 from objretrieval.models.registry import NATIVE_FORMAT, PretrainedCfg
 
 PathLike = str | os.PathLike[str]
@@ -204,7 +205,7 @@ def compare_state_dicts(
         and given[k].shape != expected[k].shape
     ]
     if missing or unexpected or shapes:
-        disjoint = bool(missing and unexpected) and len(missing) == len(expected)
+        disjoint = bool(expected) and len(missing) == len(expected)  # nothing would load (an empty file too)
         return CheckpointMismatchError(missing, unexpected, shapes, disjoint=disjoint)
     return None
 
@@ -262,11 +263,8 @@ def load_quietly(
     if mismatch is not None and (strict or mismatch.shape_mismatch or mismatch.disjoint):
         raise mismatch.in_context(context)
     model.load_state_dict(state_dict, strict=strict)
-    return LoadReport(
-        sorted(set(expected) - set(state_dict)),
-        sorted(set(state_dict) - set(expected)),
-        sorted(set(expected) & set(state_dict)),
-    )
+    missing, unexpected = (mismatch.missing, mismatch.unexpected) if mismatch is not None else ([], [])
+    return LoadReport(list(missing), list(unexpected), sorted(set(expected) & set(state_dict)))
 
 
 def warn_if_partial(report: LoadReport, context: str, stacklevel: int) -> None:
@@ -308,10 +306,7 @@ def save_checkpoint(
     seen: set[tuple[int, int]] = set()
     tensors: dict[str, Tensor] = {}
     for key, value in state.items():
-        if value.is_meta:
-            raise ValueError(
-                f"cannot save {key!r}: it is a meta tensor (shape {tuple(value.shape)}, no data)"
-            )
+        check_not_meta(value, f"state dict entry {key!r}")
         t = value.detach().cpu().contiguous()
         ident = (int(t.untyped_storage().data_ptr()), int(t.storage_offset()))
         tensors[key] = t.clone() if ident in seen else t

@@ -154,6 +154,9 @@ class DatabaseCache:
             raise ValueError("a DatabaseCache holds either tokens or codes (exactly one of them)")
         data = self.codes if self.codes is not None else self.tokens
         assert data is not None
+        if not isinstance(self.keep, Tensor) or self.keep.dtype != torch.bool:
+            got = self.keep.dtype if isinstance(self.keep, Tensor) else type(self.keep).__name__
+            raise TypeError(f"keep must be a bool tensor (True for real descriptors), got {got}")
         if data.ndim != 3 or tuple(data.shape[:2]) != tuple(self.keep.shape):
             raise ValueError(f"keep must be (N, T) = {tuple(data.shape[:2])}, got {tuple(self.keep.shape)}")
 
