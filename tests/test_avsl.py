@@ -369,3 +369,23 @@ def test_cuda_scoring_matches_cpu() -> None:
     gpu = pairwise_knn(AVSLScorer(model.cuda(), feats.to("cuda")), 10, exclude_self=True)
     assert torch.equal(gpu.indices.cpu(), cpu.indices)
     torch.testing.assert_close(gpu.scores.cpu(), cpu.scores, rtol=1e-4, atol=1e-5)
+
+
+def test_pairwise_knn_refuses_nan_from_a_block_scorer() -> None:
+    from objretrieval.search import pairwise_knn
+
+    class NaNBlocks:
+        num_queries = num_gallery = 4
+        device = torch.device("cpu")
+        symmetric = False
+
+        def score_pairs(self, query_ids: torch.Tensor, gallery_ids: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(len(query_ids))
+
+        def score_block(self, query_rows: slice, gallery_rows: slice) -> torch.Tensor:
+            s = torch.zeros(4, 4)[query_rows, gallery_rows].clone()
+            s[0, 1] = float("nan")
+            return s
+
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pairwise_knn(NaNBlocks(), 2)

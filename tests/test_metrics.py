@@ -362,3 +362,15 @@ def test_map_beyond_one_query_block(num_queries: int, leave_one_out: bool) -> No
     _, relevant = brute_force_ranks(q, ql, g, gl, leave_one_out)
     np.testing.assert_allclose(result.per_query["map"].numpy(), brute_force_ap(relevant), atol=1e-12)
     np.testing.assert_allclose(result["map"], np.nanmean(brute_force_ap(relevant)), atol=1e-12)
+
+
+@pytest.mark.parametrize("label_comparison_fn", [None, lambda a, b: a[..., 0] == b[..., 0]])
+def test_an_empty_gallery_is_refused_by_name(label_comparison_fn) -> None:
+    rows = () if label_comparison_fn is None else (2,)
+    evaluator = RetrievalEvaluator(["recall@1"], label_comparison_fn=label_comparison_fn)
+    with pytest.raises(ValueError, match="gallery_labels is empty"):
+        evaluator.from_ranking(
+            torch.full((3, 1), -1),
+            torch.zeros(3, *rows, dtype=torch.long),
+            torch.zeros(0, *rows, dtype=torch.long),
+        )

@@ -290,6 +290,8 @@ class RetrievalEvaluator:
         gl = check(
             gallery_labels, "gallery_labels", num_gallery, "gallery" if num_gallery is not None else None
         )
+        if gl.shape[0] == 0:
+            raise ValueError("gallery_labels is empty: a gallery needs at least one item to retrieve")
         if gl.shape[1:] != ql.shape[1:]:
             raise ValueError(
                 f"gallery_labels rows have shape {tuple(gl.shape[1:])} but query_labels rows {tuple(ql.shape[1:])}"

@@ -12,7 +12,7 @@ pair also implements :class:`BlockScorer`. Two walks use them:
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -62,10 +62,12 @@ class BlockScorer(PairwiseScorer, Protocol):
 
 def score_block(scorer: PairwiseScorer, query_rows: slice, gallery_rows: slice) -> Tensor:
     """(q, g) scores of a block: the scorer's own :meth:`BlockScorer.score_block`, else pair by pair."""
-    if isinstance(scorer, BlockScorer):
-        return scorer.score_block(query_rows, gallery_rows)
     rows = torch.arange(scorer.num_queries, device=scorer.device)[query_rows]
     cols = torch.arange(scorer.num_gallery, device=scorer.device)[gallery_rows]
+    if isinstance(scorer, BlockScorer):
+        return _checked(
+            scorer.score_block(query_rows, gallery_rows), (len(rows), len(cols)), scorer, "score_block"
+        )
     q, g = rows.repeat_interleave(len(cols)), cols.repeat(len(rows))
     return _checked_scores(scorer, q, g).view(len(rows), len(cols))
 
@@ -93,12 +95,14 @@ def check_pairs(scorer: PairwiseScorer, query_ids: Tensor, gallery_ids: Tensor) 
 
 
 def _checked_scores(scorer: PairwiseScorer, query_ids: Tensor, gallery_ids: Tensor) -> Tensor:
-    values = scorer.score_pairs(query_ids, gallery_ids)
-    if not isinstance(values, Tensor) or values.shape != query_ids.shape:
+    return _checked(scorer.score_pairs(query_ids, gallery_ids), tuple(query_ids.shape), scorer, "score_pairs")
+
+
+def _checked(values: Any, shape: tuple[int, ...], scorer: PairwiseScorer, method: str) -> Tensor:
+    """A scorer's output as float32, refusing a wrong shape or NaN/inf (which would rank first or last)."""
+    if not isinstance(values, Tensor) or tuple(values.shape) != shape:
         got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
-        raise ValueError(
-            f"{type(scorer).__name__}.score_pairs must return ({len(query_ids)},) scores, got {got}"
-        )
+        raise ValueError(f"{type(scorer).__name__}.{method} must return {shape} scores, got {got}")
     check_finite_values(values, f"scores from {type(scorer).__name__}")
     return values.float()
 
