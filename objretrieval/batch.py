@@ -176,25 +176,33 @@ class _GramDistance(torch.autograd.Function):
 
     Also returns the ``(rows, cols)`` of the nearly coincident pairs, where the formula cancels and loses
     precision (:func:`~objretrieval.search.scoring.near_pairs`), found on the squared distances it forms anyway.
+    With ``self_pairs`` (the references are the rows themselves) the diagonal is set to its exact value, 0
+    apart with no gradient, instead of being found "near" and recomputed on every call.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, s: Tensor, x_sq: Tensor, r_sq: Tensor, floor: float, offset: float
+        ctx: Any, s: Tensor, x_sq: Tensor, r_sq: Tensor, floor: float, offset: float, self_pairs: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
         d = (x_sq[:, None] + r_sq[None, :]).sub_(s, alpha=2.0)
+        if self_pairs:
+            d.diagonal().fill_(float("inf"))  # never near: known exactly
         rows, cols = near_pairs(d, x_sq, r_sq)
+        if self_pairs:
+            d.diagonal().fill_(0.0)
         kept = d >= floor  # where the clamp passes gradient
+        if self_pairs:
+            kept.diagonal().fill_(False)  # |x_i - x_i| is constant
         d.clamp_(min=floor).add_(offset).sqrt_()
         ctx.save_for_backward(d, kept)
         ctx.mark_non_differentiable(rows, cols)
         return d, rows, cols
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor, *_: Any) -> tuple[Tensor, Tensor, Tensor, None, None]:
+    def backward(ctx: Any, grad: Tensor, *_: Any) -> tuple[Tensor, Tensor, Tensor, None, None, None]:
         d, kept = ctx.saved_tensors
         half = torch.where(kept, grad / (2.0 * d), 0.0)  # d d / d sq
-        return -2.0 * half, half.sum(1), half.sum(0), None, None
+        return -2.0 * half, half.sum(1), half.sum(0), None, None, None
 
 
 def self_similarity(x: Tensor) -> Tensor:
@@ -291,7 +299,7 @@ class PairBatch:
         """
         x_sq = self.embeddings.pow(2).sum(1)
         r_sq = x_sq if self.ref_is_self else self.ref.pow(2).sum(1)
-        d, rows, cols = _GramDistance.apply(self.similarity, x_sq, r_sq, floor, offset)
+        d, rows, cols = _GramDistance.apply(self.similarity, x_sq, r_sq, floor, offset, self.ref_is_self)
         if rows.numel() == 0:
             return d
         exact = exact_sq_distances(self.embeddings, self.ref, rows, cols).clamp(min=floor).add(offset).sqrt()

@@ -187,3 +187,12 @@ def test_float32_distances_and_gradients_match_a_float64_difference_reference(
     torch.testing.assert_close(ours.double(), reference.detach(), rtol=1e-5, atol=0.0)
     assert x.grad is not None and x64.grad is not None
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-3, atol=1e-3 * float(x64.grad.abs().max()))
+
+
+def test_self_pairs_are_exactly_zero_apart_with_no_gradient() -> None:
+    x = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    batch = make_pair_batch(x, torch.arange(10).repeat_interleave(4))
+    d = batch.distances(floor=0.0, offset=1e-8)
+    assert torch.equal(d.diagonal().detach(), torch.full((40,), 1e-4, dtype=torch.float64))
+    (grad,) = torch.autograd.grad(d.diagonal().sum(), x)
+    assert torch.equal(grad, torch.zeros_like(x))
