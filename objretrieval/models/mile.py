@@ -264,9 +264,13 @@ class MILE(nn.Module):
         """
         if images.ndim < 5 or images.shape[-3] != 3:
             raise ValueError(f"images must be (B, N, ..., 3, H, W), got {tuple(images.shape)}")
-        mask = check_padded_sets(images, "images", mask)
+        return self._encode_valid_sets(images, check_padded_sets(images, "images", mask))
+
+    def _encode_valid_sets(self, images: Tensor, mask: Tensor | None) -> Tensor:
+        """:meth:`encode_sets` without the checks, for inputs already validated (a training step checks its
+        batch once, then encodes it several times)."""
         kept = images if mask is None else images[~mask]
-        encoded = self.encode_images(kept.flatten(0, -4)).view(*kept.shape[:-3], -1)
+        encoded = self.backbone.forward_features(kept.flatten(0, -4))[:, 0].view(*kept.shape[:-3], -1)
         if mask is None:
             return encoded
         features = encoded.new_zeros(*images.shape[:-3], encoded.shape[-1])

@@ -131,7 +131,10 @@ class MILESelfSupervised(nn.Module):
         """Set latents and head outputs of every crop index, crop-major: (C * B, D), (C * B, K)."""
         b, k = crops[0].shape[:2]
         # one backbone call per resolution: (B, K, c, 3, h, w) -> (B, K, c, D)
-        features = torch.cat([model.encode_sets(group, mask) for group in crops], dim=2)  # (B, K, C, D)
+        # the batch was validated once by _check_batch
+        features = torch.cat(
+            [model._encode_valid_sets(group, mask) for group in crops], dim=2
+        )  # (B, K, C, D)
         c = features.shape[2]
         sets = features.permute(2, 0, 1, 3).reshape(c * b, k, -1)
         set_mask = None if mask is None else mask.expand(c, b, k).reshape(c * b, k)
