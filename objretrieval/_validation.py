@@ -230,3 +230,12 @@ def check_padded_sets(values: Tensor, name: str, mask: Any, what: str = "set") -
         values = values.masked_fill(mask.view(*mask.shape, *(1,) * (values.ndim - 2)), 0)
     check_finite_values(values, name)  # the row it names is the set
     return mask
+
+
+def check_index_range(indices: Tensor, name: str, *, low: int = 0, high: int) -> Tensor:
+    """Return integer ``indices`` if every one lies in [low, high)."""
+    if indices.numel() and (int(indices.min()) < low or int(indices.max()) >= high):
+        raise ValueError(
+            f"{name} must lie in [{low}, {high}), got min {int(indices.min())}, max {int(indices.max())}"
+        )
+    return indices

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from objretrieval._validation import check_embeddings, check_labels
+from objretrieval._validation import check_embeddings, check_index_range, check_labels
 from objretrieval.precision import compute_dtype, upcast
 from objretrieval.search.scoring import exact_sq_distances, near_pairs
 
@@ -220,6 +220,8 @@ class PairBatch:
         ref: (M, D) references, the embeddings themselves unless ``ref_emb`` was given.
         ref_labels: (M,) int64.
         ref_is_self: whether ``ref`` is ``embeddings`` (then the diagonal pairs an item with itself).
+        ref_self_index: (N,) int64 column of ``ref`` holding each row itself (-1: none), when the references
+            contain the batch (a gathered global batch, a cross-batch memory); those pairs are self-pairs.
         mined: pairs or triplets chosen by a miner, if any.
         mined_counts: multiplicities of mined pairs given more than once (PML index tuples), else None.
         label_comparison: optional ``(labels, ref_labels) -> (N, M) bool`` replacing label equality.
@@ -233,6 +235,7 @@ class PairBatch:
     mined: Mined | None = None
     mined_counts: PairCounts | None = None
     label_comparison: LabelComparison | None = None
+    ref_self_index: Tensor | None = None
 
     @cached_property
     def similarity(self) -> Tensor:
@@ -257,9 +260,12 @@ class PairBatch:
     def is_self(self) -> Tensor:
         """(N, M) bool, True where a reference is the anchor itself."""
         n, m = self.labels.shape[0], self.ref_labels.shape[0]
-        if not self.ref_is_self:
-            return torch.zeros(n, m, dtype=torch.bool, device=self.labels.device)
-        return torch.eye(n, m, dtype=torch.bool, device=self.labels.device)
+        if self.ref_is_self:
+            return torch.eye(n, m, dtype=torch.bool, device=self.labels.device)
+        if self.ref_self_index is not None:
+            columns = torch.arange(m, device=self.labels.device)
+            return columns[None, :] == self.ref_self_index[:, None]
+        return torch.zeros(n, m, dtype=torch.bool, device=self.labels.device)
 
     @cached_property
     def _mined_pairs(self) -> tuple[MinedPairs | None, PairCounts | None]:
@@ -319,12 +325,14 @@ def make_pair_batch(
     *,
     normalize: bool = True,
     label_comparison: LabelComparison | None = None,
+    ref_self_index: Any = None,
 ) -> PairBatch:
     """Validate the inputs of a loss or miner call and build its :class:`PairBatch`.
 
     Embeddings (and references) are checked (2-D, floating, finite), upcast to the compute dtype of
     :mod:`objretrieval.precision` (float32, float64 stays) and L2-normalised if ``normalize``; labels must be
-    integers, one per row, and move to the embeddings' device.
+    integers, one per row, and move to the embeddings' device. ``ref_self_index`` (with ``ref_emb`` only)
+    gives each row's own column in ``ref_emb``, or -1.
     """
     x = check_embeddings(embeddings, "embeddings")
     y = check_labels(labels, "labels", x.shape[0], "embeddings").to(x.device)
@@ -342,5 +350,17 @@ def make_pair_batch(
             raise ValueError(f"ref_emb has dim {r.shape[1]} but embeddings have dim {x.shape[1]}")
         r = F.normalize(r, dim=1) if normalize else r
         ry = check_labels(ref_labels, "ref_labels", r.shape[0], "ref_emb").to(x.device)
+    self_index = None
+    if ref_self_index is not None:
+        if r_in is None:
+            raise ValueError(
+                "ref_self_index needs ref_emb: without references the batch is its own reference"
+            )
+        self_index = check_index_range(
+            check_labels(ref_self_index, "ref_self_index", x.shape[0], "embeddings"),
+            "ref_self_index",
+            low=-1,
+            high=r.shape[0],
+        ).to(x.device)
     mined, counts = as_mined(indices_tuple, f.shape[0], r.shape[0], x.device)
-    return PairBatch(f, y, r, ry, r_in is None, mined, counts, label_comparison)
+    return PairBatch(f, y, r, ry, r_in is None, mined, counts, label_comparison, self_index)

@@ -88,6 +88,8 @@ class MetricLoss(nn.Module):
         indices_tuple: Any = None,
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
+        *,
+        ref_self_index: Tensor | None = None,
     ) -> Tensor:
         """Compute the loss.
 
@@ -98,6 +100,9 @@ class MetricLoss(nn.Module):
                 :class:`~objretrieval.miners.MinedTriplets`, or pytorch-metric-learning index tuples.
             ref_emb: optional (M, D) reference embeddings to compare against instead of the batch itself.
             ref_labels: (M,) labels of ``ref_emb``.
+            ref_self_index: (N,) int64 column of ``ref_emb`` holding each embedding itself, -1 for none, when
+                the references contain the batch (a gathered batch, a cross-batch memory): those pairs are
+                self-pairs, never positives, as the diagonal is without ``ref_emb``.
 
         Returns:
             A scalar tensor (float32, or float64 for float64 inputs).
@@ -106,7 +111,9 @@ class MetricLoss(nn.Module):
             raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
         with full_precision(embeddings.device):
             loss = self.compute_loss(
-                self.prepare_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+                self.prepare_batch(
+                    embeddings, labels, indices_tuple, ref_emb, ref_labels, ref_self_index=ref_self_index
+                )
             )
         if loss is None:
             return self._empty(embeddings)
@@ -119,6 +126,8 @@ class MetricLoss(nn.Module):
         indices_tuple: Any = None,
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
+        *,
+        ref_self_index: Tensor | None = None,
     ) -> PairBatch:
         """Validate and normalise the inputs of :meth:`forward` into the :class:`PairBatch` losses consume."""
         if ref_emb is not None and not self.supports_ref:
@@ -131,6 +140,7 @@ class MetricLoss(nn.Module):
             ref_labels,
             normalize=self.normalize_embeddings,
             label_comparison=self.label_comparison,
+            ref_self_index=ref_self_index,
         )
         if self.indexes_classes:
             assert self.num_classes is not None

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from objretrieval._validation import check_finite_values, check_number, check_positive_int
-from objretrieval.distributed import all_reduce_sum_, world_size
+from objretrieval.distributed.world import all_reduce_sum_, world_size
 from objretrieval.precision import compute_dtype, full_precision, upcast
 
 

@@ -14,7 +14,8 @@ __all__ = ["Mined", "MinedPairs", "MinedTriplets", "Miner"]
 class Miner(nn.Module):
     """Base class of miners: :meth:`mine` selects pairs or triplets of a :class:`~objretrieval.batch.PairBatch`.
 
-    Call like pytorch-metric-learning's miners: ``miner(embeddings, labels, ref_emb=None, ref_labels=None)``.
+    Call like pytorch-metric-learning's miners: ``miner(embeddings, labels, ref_emb=None, ref_labels=None)``;
+    ``ref_self_index`` marks each row's own column in ``ref_emb`` (see :meth:`MetricLoss.forward`).
     Embeddings are L2-normalised and computed in the dtype of :mod:`objretrieval.precision` (float32,
     float64 stays), without gradient.
 
@@ -35,6 +36,8 @@ class Miner(nn.Module):
         labels: Tensor,
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
+        *,
+        ref_self_index: Tensor | None = None,
     ) -> Mined:
         if not isinstance(embeddings, Tensor):
             raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
@@ -45,6 +48,7 @@ class Miner(nn.Module):
                 ref_emb=ref_emb,
                 ref_labels=ref_labels,
                 label_comparison=self.label_comparison,
+                ref_self_index=ref_self_index,
             )
             return self.mine(batch)
 

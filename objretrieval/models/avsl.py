@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objretrieval.distributed import all_reduce_mean_
+from objretrieval.distributed.world import all_reduce_mean_
 from objretrieval.models.checkpoint import unwrap_state_dict
 from objretrieval.models.registry import CheckpointFormat, PretrainedCfg, register_model
 from objretrieval.models.resnet import (

@@ -27,8 +27,8 @@ import numpy as np
 import numpy.typing as npt
 from torch.utils.data import Sampler
 
-from objretrieval import distributed
 from objretrieval._validation import check_choice, check_labels, check_positive_int
+from objretrieval.distributed import world as distributed
 
 SmallClasses = Literal["error", "replace", "drop"]
 

@@ -1,0 +1,138 @@
+"""torch.distributed, seen the same way everywhere: one place that asks whether processes cooperate.
+
+Every module that reduces or exchanges state across processes (DINO's centre, AVSL's link statistics, the
+samplers' shard of each batch, the distributed losses, metrics and search) goes through these functions, so
+"not initialised" and "a world of one" mean the same thing in all of them. Each takes an optional process
+``group`` (default: the default group). Collectives are those of ``torch.distributed`` (gloo on CPU, nccl on
+GPUs); tensors with uneven first dimensions are padded to the largest, exchanged, and unpadded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+#: A ``torch.distributed`` process group; None means the default group.
+Group = Any
+
+
+def is_distributed() -> bool:
+    """Whether a default process group is initialised (a world of one counts: collectives are then no-ops)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size(group: Group = None) -> int:
+    """Number of processes in ``group``, 1 when not distributed."""
+    return dist.get_world_size(group) if is_distributed() else 1
+
+
+def rank(group: Group = None) -> int:
+    """This process's rank in ``group``, 0 when not distributed."""
+    return dist.get_rank(group) if is_distributed() else 0
+
+
+@torch.no_grad()
+def all_reduce_mean_(t: Tensor, group: Group = None) -> Tensor:
+    """Replace ``t`` in place by its mean over all processes (unchanged in a single process)."""
+    if world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+        t /= world_size(group)
+    return t
+
+
+@torch.no_grad()
+def all_reduce_sum_(t: Tensor, group: Group = None) -> Tensor:
+    """Replace ``t`` in place by its sum over all processes (unchanged in a single process)."""
+    if world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def comm_device(t: Tensor, group: Group = None) -> torch.device:
+    """Where a tensor must live for the group's backend: nccl exchanges CUDA tensors, gloo CPU tensors."""
+    backend = dist.get_backend(group)
+    return t.device if backend != "gloo" else torch.device("cpu")
+
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool)
+
+
+@torch.no_grad()
+def all_gather_sizes(n: int, group: Group = None, device: torch.device | str = "cpu") -> list[int]:
+    """Every rank's ``n`` (e.g. its number of rows), in rank order."""
+    if world_size(group) == 1:
+        return [n]
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    out = [torch.empty_like(t) for _ in range(world_size(group))]
+    dist.all_gather(out, t, group=group)
+    return [int(s) for s in out]
+
+
+@torch.no_grad()
+def gather_row_counts(x: Tensor, name: str, group: Group = None) -> list[int]:
+    """Every rank's number of rows of ``x``, after checking that all ranks agree on the rest of its layout.
+
+    Every rank receives every rank's layout, so a mismatch raises the same error on all of them instead of
+    hanging (or corrupting) the exchange that would follow.
+    """
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{name}: cannot exchange dtype {x.dtype} across ranks")
+    trailing = list(x.shape[1:4]) + [-1] * (3 - len(x.shape[1:4]))
+    if x.ndim > 4:
+        trailing[-1] = hash(tuple(x.shape[3:])) % (2**62)
+    layout = [x.shape[0] if x.ndim else -1, x.ndim, _DTYPES.index(x.dtype), *trailing]
+    t = torch.tensor(layout, dtype=torch.int64, device=comm_device(x, group))
+    out = [torch.empty_like(t) for _ in range(world_size(group))]
+    dist.all_gather(out, t, group=group)
+    rows = torch.stack(out).cpu()
+    if x.ndim == 0 or bool((rows[:, 1:] != rows[0, 1:]).any()):
+        described = "; ".join(f"rank {r}: {_describe(row)}" for r, row in enumerate(rows.tolist()))
+        raise ValueError(
+            f"{name}: every rank must pass a tensor with the same trailing shape and dtype (rows may "
+            f"differ); got {described}"
+        )
+    return [int(n) for n in rows[:, 0]]
+
+
+def _describe(row: list[int]) -> str:
+    n, ndim, dtype, *trailing = row
+    if ndim == 0:
+        return f"a 0-d {_DTYPES[dtype]} tensor"
+    dims = [d for d in trailing[: ndim - 1]]
+    return f"({n}, {', '.join(map(str, dims))}{', ...' if ndim > 4 else ''}) {_DTYPES[dtype]}"
+
+
+def gather_padded(x: Tensor, sizes: list[int], group: Group = None) -> list[Tensor]:
+    """Each rank's ``x`` (first dimensions ``sizes``, rank order), exchanged padded to the largest size."""
+    device = comm_device(x, group)
+    longest = max(sizes)
+    padded = x.new_zeros((longest, *x.shape[1:]), device=device)
+    padded[: x.shape[0]] = x.detach().to(device)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return [p[:s].to(x.device) for p, s in zip(parts, sizes, strict=True)]
+
+
+@torch.no_grad()
+def all_gather_uneven(x: Tensor, group: Group = None, name: str = "x") -> tuple[Tensor, list[int]]:
+    """Concatenate every rank's ``x`` along dim 0 in rank order (sizes may differ); no gradient.
+
+    Returns:
+        The concatenation, on ``x``'s device, and the per-rank sizes.
+    """
+    if world_size(group) == 1:
+        return x, [x.shape[0]]
+    sizes = gather_row_counts(x, name, group)
+    return torch.cat(gather_padded(x, sizes, group)), sizes
+
+
+def shard_offsets(sizes: list[int]) -> list[int]:
+    """The first global row of each rank's shard, for shards concatenated in rank order."""
+    offsets, total = [], 0
+    for s in sizes:
+        offsets.append(total)
+        total += s
+    return offsets
