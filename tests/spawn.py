@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
 _TIMEOUT = datetime.timedelta(seconds=120)  # a collective waiting longer than this fails instead of hanging
 
 

@@ -219,19 +219,12 @@ def test_ddp_more_ranks_than_batches() -> None:
     assert covered([b for batches in per_rank for b in batches]) == set(range(16))
 
 
-def test_rank_and_world_size_default_to_torch_distributed(
-    labels: np.ndarray, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_rank_and_world_size_default_to_a_world_of_one_outside_torch_distributed(labels: np.ndarray) -> None:
+    # inside a process group they default to its rank and size: tests/test_distributed_samplers.py
     sampler = MPerClassSampler(labels, 32, 4)
     assert (sampler.rank, sampler.world_size) == (0, 1)
-    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 2)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
-    sampler = MPerClassSampler(labels, 32, 4)
-    assert (sampler.rank, sampler.world_size) == (2, 4)
-    hierarchical = HierarchicalSampler(labels, make_super_labels(labels, 2), 32, 4, rank=1)
-    assert (hierarchical.rank, hierarchical.world_size) == (1, 4)
+    hierarchical = HierarchicalSampler(labels, make_super_labels(labels, 2), 32, 4)
+    assert (hierarchical.rank, hierarchical.world_size) == (0, 1)
 
 
 # ---------------------------------------------------------------------------------------------- small classes

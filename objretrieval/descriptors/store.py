@@ -3,10 +3,15 @@
 ``features`` (N, topk, 5 + D) float32 holds one row per descriptor (see :mod:`objretrieval.descriptors.local`),
 as the official extraction writes ``{desc}_{query|gallery}_local.hdf5``. A packed-binary store holds 128-bit
 codes instead: ``codes`` (N, T, 16) uint8 and ``padding`` (N, T) bool, 800 bytes per image for T = 50.
+
+Extraction can be split over processes: each writes one shard (``DescriptorStore.create(..., shard=...)``, a
+contiguous range of the images) and :meth:`DescriptorStore.open_shards` reads the shards as one store, through an
+HDF5 virtual dataset (nothing is copied).
 """
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
@@ -20,6 +25,9 @@ from objretrieval._validation import check_positive_int
 from objretrieval.descriptors.local import HEADER, split_rows
 
 PathLike = str | os.PathLike[str]
+
+#: Attributes of a shard file: its first image in the whole store, and the whole store's size.
+_SHARD_START, _NUM_IMAGES = "shard_start", "num_images"
 
 
 def _read_sorted(
@@ -58,9 +66,9 @@ _Store = TypeVar("_Store", bound="_H5Store")
 class _H5Store:
     """An open h5py file that must hold the named datasets; a context manager that closes it."""
 
-    def __init__(self, path: PathLike, mode: str, datasets: tuple[str, ...], layout: str) -> None:
-        self.path = os.fspath(path)
-        self.file = h5py.File(self.path, mode)
+    def __init__(self, path: PathLike | h5py.File, mode: str, datasets: tuple[str, ...], layout: str) -> None:
+        self.file = path if isinstance(path, h5py.File) else h5py.File(os.fspath(path), mode)
+        self.path = str(self.file.filename)
         for name in datasets:
             if name not in self.file:
                 self.file.close()
@@ -79,11 +87,12 @@ class _H5Store:
 class DescriptorStore(_H5Store):
     """An h5py file of local descriptor rows, ``features`` (N, topk, 5 + D).
 
-    Open an existing file with ``DescriptorStore(path)``; write a new one with :meth:`create`. Use as a context
-    manager or call :meth:`close`.
+    Open an existing file with ``DescriptorStore(path)``; write a new one with :meth:`create`, or one shard of
+    it per process and read them together with :meth:`open_shards`. Use as a context manager or call
+    :meth:`close`.
     """
 
-    def __init__(self, path: PathLike, mode: str = "r") -> None:
+    def __init__(self, path: PathLike | h5py.File, mode: str = "r") -> None:
         super().__init__(path, mode, ("features",), "the AMES descriptor layout")
         self.features: h5py.Dataset = self.file["features"]
         if self.features.ndim != 3 or self.features.shape[2] <= HEADER:
@@ -101,24 +110,89 @@ class DescriptorStore(_H5Store):
         *,
         chunked: bool = True,
         compression: str | None = None,
+        shard: range | None = None,
     ) -> DescriptorStore:
         """A new file for ``num_images`` images of ``topk`` rows of ``dim``-d descriptors.
 
         Args:
             chunked: one image per chunk, so that reading a few images touches only their chunks.
             compression: an h5py filter, e.g. ``"gzip"`` or ``"lzf"`` (needs ``chunked``).
+            shard: write only these images of the ``num_images`` (a contiguous range, e.g. this rank's
+                :func:`~objretrieval.distributed.world.shard_range`): the file holds ``len(shard)`` images,
+                written at positions ``0 .. len(shard)`` (image ``shard[i]`` at position ``i``), and records
+                which ones they are for :meth:`open_shards`.
         """
         if compression is not None and not chunked:
             raise ValueError("compression needs a chunked dataset (chunked=True)")
+        num_images = check_positive_int(num_images, "num_images", minimum=0)
+        if shard is not None and (
+            not isinstance(shard, range)
+            or shard.step != 1
+            or not 0 <= shard.start <= shard.stop <= num_images
+        ):
+            raise ValueError(f"shard must be a contiguous range within range(0, {num_images}), got {shard!r}")
+        images = range(num_images) if shard is None else shard
         with h5py.File(os.fspath(path), "w") as f:
-            f.create_dataset(
+            features = f.create_dataset(
                 "features",
-                shape=(num_images, topk, HEADER + dim),
+                shape=(len(images), topk, HEADER + dim),
                 dtype=np.float32,
-                chunks=(1, topk, HEADER + dim) if chunked else None,
+                chunks=(1, topk, HEADER + dim) if chunked and len(images) else None,
                 compression=compression,
             )
+            if shard is not None:
+                features.attrs[_SHARD_START], features.attrs[_NUM_IMAGES] = shard.start, num_images
         return cls(path, "r+")
+
+    @classmethod
+    def open_shards(cls, paths: Sequence[PathLike]) -> DescriptorStore:
+        """The shards written by ``create(..., shard=...)`` read as one store of all their images, in order.
+
+        The shards may come in any order; nothing is copied (an in-memory HDF5 virtual dataset maps each
+        image to its shard file), and reads go to the shard files, which must stay in place while it is open.
+
+        Raises:
+            FileNotFoundError: a shard file does not exist.
+            ValueError: a file is not a shard, the shards disagree on the store's size, ``topk``, descriptor
+                dimension or dtype, they overlap or leave images out (a missing shard), or a (chunked) shard
+                has images never written (its extraction stopped early).
+        """
+        if isinstance(paths, (str, os.PathLike)) or not paths:
+            raise ValueError("paths must be a non-empty list of shard files")
+        shards = sorted((_read_shard(p) for p in paths), key=lambda s: (s[1].start, s[1].stop))
+        path, _, shape, dtype, total = shards[0]
+        end = 0
+        for other, images, other_shape, other_dtype, other_total in shards:
+            if (other_shape, other_dtype, other_total) != (shape, dtype, total):
+                raise ValueError(
+                    f"shards disagree: {path} holds {total} images of {shape} {dtype} rows, "
+                    f"{other} {other_total} images of {other_shape} {other_dtype} rows"
+                )
+            if len(images) and images.start != end:  # (an empty shard holds nothing to place)
+                problem = "overlap" if images.start < end else f"leave images {end} .. {images.start - 1} out"
+                raise ValueError(f"shards {problem}: {other} starts at image {images.start}, not {end}")
+            end = images.stop
+        if end != total:
+            raise ValueError(f"shards leave images {end} .. {total - 1} out (of {total}): a shard is missing")
+        layout = h5py.VirtualLayout(shape=(total, *shape), dtype=dtype)
+        for source, images, *_ in shards:
+            if len(images):  # a rank with no images writes an empty shard
+                layout[images.start : images.stop] = h5py.VirtualSource(
+                    source, "features", (len(images), *shape)
+                )
+        image = io.BytesIO()
+        with h5py.File(image, "w") as f:
+            f.create_virtual_dataset("features", layout)
+        # opened read-only from memory, so HDF5 opens the shards read-only too (other processes may read them)
+        store = cls(h5py.File(h5py.h5f.open_file_image(image.getvalue())))
+        store.path = f"{len(shards)} shards ({path}, ...)"  # what error messages call it
+        return store
+
+    @property
+    def images(self) -> range:
+        """The image ids this file holds: ``range(len(self))``, or its share of the store for a shard."""
+        start = int(self.features.attrs.get(_SHARD_START, 0))
+        return range(start, start + len(self))
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -162,6 +236,28 @@ class DescriptorStore(_H5Store):
         for start in range(0, len(self), block_size):
             rows = torch.from_numpy(self.features[start : start + block_size, :max_descriptors])
             yield (start, *split_rows(rows))
+
+
+def _read_shard(path: PathLike) -> tuple[str, range, tuple[int, int], np.dtype, int]:
+    """A shard's absolute path, images, row shape, dtype and store size, after checking it is a whole shard."""
+    path = os.path.abspath(os.fspath(path))  # a virtual dataset resolves relative paths elsewhere
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"shard {path} does not exist (its process did not write it?)")
+    with DescriptorStore(path) as store:
+        attrs = store.features.attrs
+        if _SHARD_START not in attrs or _NUM_IMAGES not in attrs:
+            raise ValueError(
+                f"{path} is not a shard: write shards with DescriptorStore.create(..., shard=...)"
+            )
+        features = store.features
+        if features.chunks == (1, *features.shape[1:]) and len(store):
+            written = features.id.get_num_chunks()  # one chunk per image, allocated when first written
+            if written != len(store):
+                raise ValueError(
+                    f"shard {path} has {written} of its {len(store)} images written: its extraction stopped early"
+                )
+        shape = (int(features.shape[1]), int(features.shape[2]))
+        return path, store.images, shape, features.dtype, int(attrs[_NUM_IMAGES])
 
 
 class BinaryCodeStore(_H5Store):

@@ -9,14 +9,19 @@ GPUs); tensors with uneven first dimensions are padded to the largest, exchanged
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from objretrieval._validation import check_positive_int
+
 #: A ``torch.distributed`` process group; None means the default group.
 Group = Any
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -136,3 +141,65 @@ def shard_offsets(sizes: list[int]) -> list[int]:
         offsets.append(total)
         total += s
     return offsets
+
+
+def shard_range(num_items: int, group: Group = None) -> range:
+    """This rank's share of ``num_items`` items: contiguous, in rank order, sizes differing by at most one.
+
+    The first ``num_items % world_size`` ranks hold one item more; concatenating every rank's share in rank
+    order gives ``range(num_items)``. All of it without a process group.
+    """
+    num_items = check_positive_int(num_items, "num_items", minimum=0)
+    world, r = world_size(group), rank(group)
+    base, extra = divmod(num_items, world)
+    start = r * base + min(r, extra)
+    return range(start, start + base + (r < extra))
+
+
+def check_on_every_rank(check: Callable[[], tuple[T, Hashable]], what: str, group: Group = None) -> T:
+    """Run this rank's argument checks; if any rank's fail, or the ranks' settings differ, raise on all.
+
+    A collective whose ranks were given bad or different arguments would otherwise fail on one rank and hang
+    the others in their next exchange, or mix their results without a word. ``check()`` returns the checked
+    values and the settings every rank must share (a tuple of ``(name, value)`` pairs, so that the error
+    names what differs); one small exchange of every rank's outcome then raises the same error, naming the
+    ranks, everywhere. In a world of one the check runs as it is.
+
+    Returns:
+        What ``check()`` returned first.
+
+    Raises:
+        TypeError: if every failing rank raised a TypeError; ValueError otherwise (failures or disagreeing
+            settings).
+    """
+    if world_size(group) == 1:
+        return check()[0]
+    try:
+        result, settings = check()
+        outcome: tuple[Any, Any] = (None, settings)
+    except (TypeError, ValueError) as err:
+        outcome = ((type(err).__name__, str(err)), None)
+    everyone: list[Any] = [None] * world_size(group)
+    dist.all_gather_object(everyone, outcome, group=group)
+    failures = [(r, err) for r, (err, _) in enumerate(everyone) if err is not None]
+    if failures:
+        kind = TypeError if all(name == "TypeError" for _, (name, _) in failures) else ValueError
+        raise kind(f"{what}: " + "; ".join(f"rank {r}: {message}" for r, (_, message) in failures))
+    settings = [s for _, s in everyone]
+    if len(set(settings)) > 1:
+        raise ValueError(
+            f"{what}: every rank must pass the same arguments, but ranks differ in {_differences(settings)}"
+        )
+    return result
+
+
+def _differences(settings: list[Any]) -> str:
+    """The settings that differ between ranks: ``name: [per-rank values]`` for ``((name, value), ...)``."""
+    named = all(
+        isinstance(s, tuple) and all(isinstance(i, tuple) and len(i) == 2 for i in s) for s in settings
+    )
+    if not named or len({tuple(name for name, _ in s) for s in settings}) > 1:
+        return "; ".join(f"rank {r}: {s}" for r, s in enumerate(settings))
+    columns = zip(*[[value for _, value in s] for s in settings], strict=True)
+    names = [name for name, _ in settings[0]]
+    return "; ".join(f"{n}: {list(c)}" for n, c in zip(names, columns, strict=True) if len(set(c)) > 1)

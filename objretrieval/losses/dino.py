@@ -6,8 +6,8 @@ the student's outputs for every other view:
     L = mean over (g in global views, v in all views, v != g) of
         mean_b sum_k -softmax((t_g - center) / tau_t)_k * log_softmax(s_v / tau_s)_k
 
-and the centre follows the teacher's batch mean: ``center <- m * center + (1 - m) * mean(t)``, all-reduced
-across processes under ``torch.distributed``.
+and the centre follows the teacher's batch mean: ``center <- m * center + (1 - m) * mean(t)``, the mean over
+the global batch under ``torch.distributed`` (shards of any sizes).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from objretrieval._validation import check_finite_values, check_number, check_positive_int
-from objretrieval.distributed.world import all_reduce_sum_, world_size
+from objretrieval.distributed.world import all_reduce_sum_
 from objretrieval.precision import compute_dtype, full_precision, upcast
 
 
@@ -128,8 +128,10 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_output: Tensor) -> None:
-        """EMA of the teacher's batch mean (all-reduced across processes)."""
-        total = upcast(teacher_output, self.center.dtype).sum(dim=0, keepdim=True)
-        all_reduce_sum_(total)
-        count = teacher_output.shape[0] * world_size()
-        self.center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
+        """EMA of the teacher's mean row over the global batch (every process's rows, sizes may differ)."""
+        rows = upcast(teacher_output, self.center.dtype)
+        # sum and row count in one all-reduce: a mean of per-rank means would weigh uneven shards wrongly
+        stats = torch.cat([rows.sum(dim=0), rows.new_tensor([rows.shape[0]])])
+        all_reduce_sum_(stats)
+        mean = (stats[:-1] / stats[-1]).view_as(self.center)
+        self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)

@@ -18,6 +18,7 @@ from objretrieval._validation import (
     check_ranking,
     to_tensor,
 )
+from objretrieval.distributed.world import Group
 from objretrieval.metrics.clustering import kmeans
 from objretrieval.metrics.ranks import (
     LabelComparison,
@@ -219,6 +220,7 @@ class RetrievalEvaluator:
         candidates: Tensor | None = None,
         query_block_size: int = 32,
         gallery_block_size: int = 32,
+        group: Group | None = None,
     ) -> RetrievalResult:
         """Evaluate a pairwise scorer (any :class:`~objretrieval.search.PairwiseScorer`), streamed in blocks.
 
@@ -236,6 +238,8 @@ class RetrievalEvaluator:
                 it ranked last.
             query_block_size: queries per block of the exhaustive walk.
             gallery_block_size: gallery items per block.
+            group: share the scoring over this process group's ranks (``pairwise_knn(..., group=)``); every
+                rank gets the same result as one process. None: this process scores everything.
         """
         self._refuse_clustering("cluster embeddings: a pairwise scorer has none")
         if not isinstance(scorer, PairwiseScorer):
@@ -265,6 +269,7 @@ class RetrievalEvaluator:
             query_block_size=query_block_size,
             gallery_block_size=gallery_block_size,
             progress=self.progress,
+            group=group,
         )
         scores, indices = found.scores.cpu(), found.indices.cpu()
         ranks = self._ranks_of(indices, relevance, num_relevant)
@@ -384,6 +389,30 @@ class RetrievalEvaluator:
         whole: bool = False,
     ) -> RetrievalResult:
         """Every requested metric from the search results; ``whole``: the ranking covers the whole gallery."""
+        max_relevant = int(num_relevant.max())
+        per_query_values = {} if ranks is None else self._per_query(ranks, max_relevant, whole)
+        return self._result(per_query_values, found, relevance, num_relevant, clustering, whole)
+
+    def _per_query(self, ranks: RelevantRanks, max_relevant: int, whole: bool = False) -> dict[str, Tensor]:
+        """(Q,) float64 values of each ranking metric, NaN for queries without relevant items. Row-wise, so a
+        sharded evaluation computes them for its own queries and gathers them (:mod:`.streaming`)."""
+        values: dict[str, Tensor] = {}
+        for r in self.metrics:
+            if r.spec.needs == "ranks":
+                _check_depth(r.name, r.depth(max_relevant), ranks.depth, whole)
+                values[r.name] = r.per_query(ranks)
+        return values
+
+    def _result(
+        self,
+        per_query_values: dict[str, Tensor],
+        found: NeighborLists | None,
+        relevance: Relevance,
+        num_relevant: Tensor,
+        clustering: tuple[Tensor, Tensor] | None,
+        whole: bool = False,
+    ) -> RetrievalResult:
+        """Every requested metric from the per-query values of the ranking metrics and the other inputs."""
         values: dict[str, float] = {}
         per_query: dict[str, Tensor] = {}
         max_relevant = int(num_relevant.max())
@@ -404,9 +433,7 @@ class RetrievalEvaluator:
                 _check_depth(r.name, depth, found.indices.shape[1], whole)
                 values[r.name] = r.neighbors(found.truncate(depth))
                 continue
-            assert ranks is not None
-            _check_depth(r.name, depth, ranks.depth, whole)
-            v = r.per_query(ranks)
+            v = per_query_values[r.name]
             values[r.name] = reduce_queries(v, self.no_relevant, r.name, classes)
             if self.return_per_query:
                 per_query[r.name] = v

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objretrieval.distributed.world import all_reduce_mean_
+from objretrieval.distributed.world import Group, all_gather_uneven, all_reduce_mean_
 from objretrieval.models.checkpoint import unwrap_state_dict
 from objretrieval.models.registry import CheckpointFormat, PretrainedCfg, register_model
 from objretrieval.models.resnet import (
@@ -87,6 +87,19 @@ class AVSLFeatures(NamedTuple):
             tuple(torch.cat([p.certainties[lv] for p in parts]) for lv in range(levels)),
             None,
         )
+
+    def all_gather(self, group: Group = None) -> AVSLFeatures:
+        """Every rank's features concatenated in rank order, without gradient (links are dropped); a collective.
+
+        For a sharded evaluation each rank computes the features of its share of the images
+        (:func:`~objretrieval.distributed.world.shard_range`), gathers them, and scores its share of the
+        blocks (``RetrievalEvaluator.from_scorer(..., group=)``).
+        """
+
+        def gather(tensors: tuple[Tensor, ...], name: str) -> tuple[Tensor, ...]:
+            return tuple(all_gather_uneven(t, group, f"{name}[{lv}]")[0] for lv, t in enumerate(tensors))
+
+        return AVSLFeatures(gather(self.embeddings, "embeddings"), gather(self.certainties, "certainties"))
 
 
 def _check_features(features: AVSLFeatures, name: str, levels: int, dim: int) -> None:

@@ -236,7 +236,9 @@ class AMESScorer:
     :meth:`RetrievalEvaluator.from_scorer <objretrieval.metrics.RetrievalEvaluator.from_scorer>`. The pairs of
     one query are scored together: the query is projected once and scored against its database images
     ``batch_size`` at a time in one call, from a :class:`DatabaseCache` (database projected once) or straight
-    from descriptors or codes. On CUDA the model runs under autocast.
+    from descriptors or codes. On CUDA the model runs under autocast. Across processes, ``score_shortlist``,
+    ``pairwise_knn`` and ``from_scorer`` share the queries out with ``group=``, every rank holding the same
+    scorer (the same weights and images, e.g. every rank's shard read by :meth:`DescriptorStore.open_shards`).
 
     Args:
         model: an :class:`~objretrieval.models.AMES`.

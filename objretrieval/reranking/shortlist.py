@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from objretrieval._validation import check_finite_values, check_number, check_positive_int, to_tensor
+from objretrieval.distributed.world import Group
 from objretrieval.search.pairwise import PairwiseScorer, check_pairs, score_candidates
 
 #: Index of a missing shortlist entry, as faiss returns it.
@@ -154,10 +155,27 @@ def _check_k(k: Any, shortlist: Shortlist) -> int:
     return k
 
 
-def score_shortlist(scorer: PairwiseScorer, shortlist: ShortlistLike, k: int) -> Tensor:
+def score_shortlist(
+    scorer: PairwiseScorer,
+    shortlist: ShortlistLike,
+    k: int,
+    *,
+    chunk_size: int = 4096,
+    group: Group | None = None,
+) -> Tensor:
     """(Q, k) float32 raw pairwise scores (CPU) of each query against its first k shortlisted images.
 
     Missing entries are not scored: their raw score is NaN (and a warning counts them).
+
+    Args:
+        scorer: e.g. an :class:`~objretrieval.reranking.AMESScorer`.
+        shortlist: the global shortlist.
+        k: how many of each query's shortlisted images to score.
+        chunk_size: pairs per call to the scorer.
+        group: share the queries over this process group's ranks (e.g. ``torch.distributed.group.WORLD``):
+            each rank scores a contiguous run of the pairs, in query order, and every rank receives all
+            scores, identical to one process's (:func:`~objretrieval.search.pairwise.score_candidates`). Every
+            rank passes the same scorer and shortlist. None: this process scores everything.
     """
     shortlist = Shortlist.of(shortlist)
     k = _check_k(k, shortlist)
@@ -173,7 +191,7 @@ def score_shortlist(scorer: PairwiseScorer, shortlist: ShortlistLike, k: int) ->
             "faiss index found fewer neighbours): they are not scored and rank last",
             stacklevel=2,
         )
-    return score_candidates(scorer, head, fill=float("nan")).cpu()
+    return score_candidates(scorer, head, fill=float("nan"), chunk_size=chunk_size, group=group).cpu()
 
 
 def fuse(global_scores: Tensor, raw: Tensor, lamb: float, temp: float) -> Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -66,6 +66,7 @@ def knn(
     query_block_size: int = 4096,
     device: torch.device | str | None = None,
     progress: bool = False,
+    group: Any = None,
 ) -> Neighbors:
     """Find the ``k`` nearest gallery items of every query, streaming the gallery in blocks.
 
@@ -91,6 +92,11 @@ def knn(
         query_block_size: query rows scored against one gallery block at once (torch backend).
         device: where to compute; default the queries' device. Results are returned there.
         progress: show a tqdm progress bar over gallery blocks.
+        group: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``). Only when it
+            is passed, the call is the collective sharded search
+            :func:`objretrieval.distributed.knn.sharded_knn`: ``queries`` and ``gallery`` (tensors) are this
+            rank's shards with rank-major global ids, and the result is bit-identical to one process on the
+            concatenated data (torch backend, no ``exclude``). Without it, even under DDP, the search is local.
 
     Returns:
         :class:`Neighbors` ``(scores, indices)``, each (Q, k). An approximate faiss index may leave slots
@@ -101,6 +107,23 @@ def knn(
             excluded item), ``exclude`` ids outside the gallery, or ``faiss`` options with the torch backend.
         TypeError: if ``faiss`` is not a :class:`FaissOptions`.
     """
+    if group is not None:
+        if exclude is not None or backend != "torch" or faiss is not None or progress:
+            raise ValueError("knn(group=...) supports the torch backend only, without exclude or progress")
+        if not isinstance(queries, Tensor) or not isinstance(gallery, (Tensor, type(None))):
+            raise TypeError("knn(group=...) takes this rank's queries and gallery shard as tensors")
+        from objretrieval.distributed.knn import sharded_knn  # imported here: it builds on this module
+
+        return sharded_knn(
+            queries,
+            gallery,
+            k=k,
+            metric=metric,
+            block_size=block_size,
+            query_block_size=query_block_size,
+            device=device,
+            group=group,
+        )
     q = check_embeddings(queries, "queries")
     k = check_positive_int(k, "k")
     query_block_size = check_positive_int(query_block_size, "query_block_size")

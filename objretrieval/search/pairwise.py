@@ -8,6 +8,12 @@ pair also implements :class:`BlockScorer`. Two walks use them:
 - :func:`pairwise_knn` without candidates walks query blocks x gallery blocks with a running top-k, so memory is
   O(Q x k) plus one block, never the Q x N matrix. A symmetric scorer on one set (leave-one-out) computes each
   pair once and mirrors the block.
+
+Both walks can share their work over the ranks of a process group (``group=``): each rank makes a contiguous run
+of the calls to the scorer that one process would make (blocks, or chunks of pairs in query order); the ranks'
+top-k lists are merged by (score, index), or their pair scores gathered in order. Every pair is thus scored by
+the same call as in one process, so the result is identical to one process's, whatever the scorer computes in
+batches.
 """
 
 from __future__ import annotations
@@ -19,6 +25,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from objretrieval._validation import check_finite_values, check_positive_int
+from objretrieval.distributed.world import (
+    Group,
+    all_gather_uneven,
+    check_on_every_rank,
+    shard_range,
+    world_size,
+)
 from objretrieval.search.knn import Neighbors
 from objretrieval.search.scoring import mask_excluded
 from objretrieval.search.topk import RunningTopK, sort_by_score_then_index
@@ -107,6 +120,31 @@ def _checked(values: Any, shape: tuple[int, ...], scorer: PairwiseScorer, method
     return values.float()
 
 
+def _my_share(units: range, group: Group | None) -> range:
+    """This rank's contiguous run of ``units`` (all of them without a group)."""
+    if group is None:
+        return units
+    mine = shard_range(len(units), group)
+    return units[mine.start : mine.stop]
+
+
+def _gather(x: Tensor, group: Group | None, name: str) -> Tensor:
+    """Every rank's ``x`` concatenated in rank order (``x`` itself without a group)."""
+    return x if group is None else all_gather_uneven(x, group, name)[0]
+
+
+def _check_plan(scorer: PairwiseScorer, group: Group, what: str, **values: int) -> None:
+    """Refuse ranks that were given different arguments (they would hang, or mix their results)."""
+    plan = {"num_queries": int(scorer.num_queries), "num_gallery": int(scorer.num_gallery), **values}
+    check_on_every_rank(lambda: (None, tuple(plan.items())), what, group)
+
+
+def _fingerprint(ids: Tensor) -> int:
+    """An order-sensitive checksum of integer ids (int64 arithmetic wraps around, which is fine for it)."""
+    flat = ids.flatten()
+    return int((flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum()) if flat.numel() else 0
+
+
 def score_candidates(
     scorer: PairwiseScorer,
     candidates: Tensor,
@@ -114,6 +152,7 @@ def score_candidates(
     exclude_self: bool = False,
     fill: float = float("-inf"),
     chunk_size: int = 4096,
+    group: Group | None = None,
 ) -> Tensor:
     """(Q, S) float32 scores of each query against its candidate gallery ids, on the scorer's device.
 
@@ -127,6 +166,11 @@ def score_candidates(
         exclude_self: leave-one-out on one set: candidate ``i`` of query ``i`` is not scored either.
         fill: the score of entries not scored.
         chunk_size: pairs per :meth:`~PairwiseScorer.score_pairs` call.
+        group: share the pairs over this process group's ranks (e.g. ``torch.distributed.group.WORLD``): each
+            rank scores a contiguous run of the chunks one process would score (the pairs in query order), and
+            every rank receives all scores, identical to one process's. A smaller ``chunk_size`` evens out the
+            shares when there are few chunks. Every rank must pass the same scorer and candidates (their sizes
+            and the candidates are checked). None: this process scores every pair.
     """
     q, n = int(scorer.num_queries), int(scorer.num_gallery)
     chunk_size = check_positive_int(chunk_size, "chunk_size")
@@ -143,14 +187,16 @@ def score_candidates(
     if exclude_self:
         scored &= ids != rows
     flat_rows, flat_ids = rows[scored], ids[scored]
+    if group is not None:
+        plan = {"candidates": _fingerprint(ids), "exclude_self": exclude_self, "chunk_size": chunk_size}
+        _check_plan(scorer, group, "score_candidates", **plan)
     scores = torch.full(ids.shape, fill, device=ids.device)
     if len(flat_rows):
-        scores[scored] = torch.cat(
-            [
-                _checked_scores(scorer, flat_rows[s : s + chunk_size], flat_ids[s : s + chunk_size])
-                for s in range(0, len(flat_rows), chunk_size)
-            ]
-        )
+        parts = [
+            _checked_scores(scorer, flat_rows[s : s + chunk_size], flat_ids[s : s + chunk_size])
+            for s in _my_share(range(0, len(flat_rows), chunk_size), group)
+        ]
+        scores[scored] = _gather(torch.cat(parts) if parts else scores.new_empty(0), group, "pair scores")
     return scores
 
 
@@ -164,6 +210,7 @@ def pairwise_knn(
     gallery_block_size: int = 32,
     pair_chunk_size: int = 4096,
     progress: bool = False,
+    group: Group | None = None,
 ) -> Neighbors:
     """The ``k`` best-scoring gallery items of every query under a pairwise scorer.
 
@@ -180,6 +227,12 @@ def pairwise_knn(
         gallery_block_size: gallery items per block (exhaustive mode, non-symmetric scorers).
         pair_chunk_size: pairs scored per call in candidates mode.
         progress: show a progress bar.
+        group: share the work over this process group's ranks (e.g. ``torch.distributed.group.WORLD``):
+            each rank scores a contiguous run of the blocks one process would score (the symmetric walk's
+            too, mirror included; candidates mode: of the pair chunks, :func:`score_candidates`), and every
+            rank receives the neighbours of all queries, merged by (score, index): identical to one
+            process's. Each rank holds O(Q x k), the exchange O(Q x k x world). Every rank must pass the same
+            scorer and arguments (their sizes are checked). None: this process scores everything.
 
     Returns:
         :class:`~objretrieval.search.Neighbors` with (Q, k) scores (higher is better) and gallery indices;
@@ -192,34 +245,74 @@ def pairwise_knn(
     if exclude_self and q != n:
         raise ValueError(f"exclude_self needs as many queries as gallery items, got {q} and {n}")
     if candidates is not None:
-        return _rescore(scorer, k, candidates, exclude_self, pair_chunk_size)
+        return _rescore(scorer, k, candidates, exclude_self, pair_chunk_size, group)
     available = n - 1 if exclude_self else n
     if k > available:
         raise ValueError(f"k={k} exceeds the {available} gallery items each query can retrieve")
+    symmetric = bool(getattr(scorer, "symmetric", False)) and exclude_self
+    if group is not None:
+        sizes = {"query_block_size": query_block_size, "gallery_block_size": gallery_block_size}
+        _check_plan(
+            scorer, group, "pairwise_knn", k=k, exclude_self=exclude_self, symmetric=symmetric, **sizes
+        )
     exclude = torch.arange(q, device=scorer.device) if exclude_self else None
     top = RunningTopK(q, k, scorer.device)
-    if getattr(scorer, "symmetric", False) and exclude_self:
+    if symmetric:
         size = query_block_size
         starts = range(0, q, size)
         tiles = [(i, j) for i in starts for j in starts if j >= i]
-        for i, j in tqdm(tiles, disable=not progress, desc="pairwise", unit="block"):
-            s = score_block(scorer, slice(i, i + size), slice(j, j + size))
-            if i == j:
-                mask_excluded(s, exclude, i, j)
+        for i, j in tqdm(_my_tiles(tiles, group), disable=not progress, desc="pairwise", unit="block"):
+            s = _without_excluded(score_block(scorer, slice(i, i + size), slice(j, j + size)), exclude, i, j)
             top.update(i, s, j)
             if j > i:
                 top.update(j, s.T, i)
-        return Neighbors(top.scores, top.indices)
+        return _merge_ranks(top, group)
     blocks = [(i, j) for j in range(0, n, gallery_block_size) for i in range(0, q, query_block_size)]
-    for i, j in tqdm(blocks, disable=not progress, desc="pairwise", unit="block"):
+    for i, j in tqdm(_my_tiles(blocks, group), disable=not progress, desc="pairwise", unit="block"):
         s = score_block(scorer, slice(i, i + query_block_size), slice(j, j + gallery_block_size))
-        mask_excluded(s, exclude, i, j)
-        top.update(i, s, j)
-    return Neighbors(top.scores, top.indices)
+        top.update(i, _without_excluded(s, exclude, i, j), j)
+    return _merge_ranks(top, group)
 
 
-def _rescore(scorer: PairwiseScorer, k: int, candidates: Tensor, exclude_self: bool, chunk: int) -> Neighbors:
-    scores = score_candidates(scorer, candidates, exclude_self=exclude_self, chunk_size=chunk)
+def _without_excluded(block: Tensor, exclude: Tensor | None, row_start: int, col_offset: int) -> Tensor:
+    """``block`` with each query's own column at -inf (leave-one-out), copied first if it has one: a scorer's
+    block may be a view of its own data (a :class:`~objretrieval.reranking.TableScorer`'s table)."""
+    rows, cols = block.shape
+    if exclude is None or max(row_start, col_offset) >= min(row_start + rows, col_offset + cols):
+        return block  # the exclusion is i -> i: only blocks crossing the diagonal hold excluded pairs
+    block = block.clone()
+    mask_excluded(block, exclude, row_start, col_offset)
+    return block
+
+
+def _my_tiles(tiles: list[tuple[int, int]], group: Group | None) -> list[tuple[int, int]]:
+    """This rank's contiguous run of the blocks one process would score (all of them without a group)."""
+    mine = _my_share(range(len(tiles)), group)
+    return tiles[mine.start : mine.stop]
+
+
+def _merge_ranks(top: RunningTopK, group: Group | None) -> Neighbors:
+    """Every rank's top-k of each row merged into the top-k of all, ranked by (score, index) as one process.
+
+    Each (query, gallery) pair lies in one rank's blocks, so the k best of the ranks' k best are the k best.
+    """
+    if group is None:
+        return Neighbors(top.scores, top.indices)
+    q, k = top.scores.shape
+
+    def side_by_side(x: Tensor, name: str) -> Tensor:  # (world * q, k), rank after rank -> (q, world * k)
+        return _gather(x, group, name).view(world_size(group), q, k).permute(1, 0, 2).reshape(q, -1)
+
+    scores, indices = sort_by_score_then_index(
+        side_by_side(top.scores, "scores"), side_by_side(top.indices, "indices")
+    )
+    return Neighbors(scores[:, :k].contiguous(), indices[:, :k].contiguous())
+
+
+def _rescore(
+    scorer: PairwiseScorer, k: int, candidates: Tensor, exclude_self: bool, chunk: int, group: Group | None
+) -> Neighbors:
+    scores = score_candidates(scorer, candidates, exclude_self=exclude_self, chunk_size=chunk, group=group)
     ids = candidates.to(scores.device, torch.int64)
     ids = torch.where(torch.isneginf(scores), -1, ids)  # not scored (missing or the query itself): missing
     scores, ids = sort_by_score_then_index(scores, ids)

@@ -19,6 +19,9 @@ the teacher is its copy (upstream shares one frozen ViT, so LoRA never trains), 
 the student, stays in eval mode and gets no gradients, and objects of a batch never attend to each other.
 ``batch_mixing_compat=True`` restores the official student forward, where the latents of one crop index
 attend over the new views of every object in the batch.
+
+On several processes, :meth:`MILESelfSupervised.ddp_student` wraps the student, and only it, in
+``DistributedDataParallel``; a step on shards of any sizes then equals one step on their concatenation.
 """
 
 from __future__ import annotations
@@ -28,10 +31,13 @@ import math
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from objretrieval._validation import check_padded_sets
 from objretrieval.data.image_sets import MultiCropSetBatch
+from objretrieval.distributed.world import all_reduce_sum_, is_distributed, world_size
 from objretrieval.losses.dino import DINOLoss
 from objretrieval.models.mile import MILE
 from objretrieval.training.optim import clip_gradients_per_tensor, ema_update, weight_decay_groups
@@ -81,6 +87,33 @@ def _check_batch(batch: MultiCropSetBatch) -> MultiCropSetBatch:
     return MultiCropSetBatch(g, local, mask)
 
 
+def _multicrop_views(
+    model: MILE, crops: list[Tensor], mask: Tensor | None, mixing: bool
+) -> tuple[Tensor, Tensor]:
+    """Set latents and head outputs of every crop index, crop-major: (C * B, D), (C * B, K)."""
+    b, k = crops[0].shape[:2]
+    # one backbone call per resolution: (B, K, c, 3, h, w) -> (B, K, c, D)
+    # the batch was validated once by _check_batch
+    features = torch.cat([model._encode_valid_sets(group, mask) for group in crops], dim=2)  # (B, K, C, D)
+    c = features.shape[2]
+    sets = features.permute(2, 0, 1, 3).reshape(c * b, k, -1)
+    set_mask = None if mask is None else mask.expand(c, b, k).reshape(c * b, k)
+    latent = model.aggregator(sets, set_mask, mixing_groups=c if mixing else None)
+    return latent, model.project(latent)
+
+
+class _StudentViews(nn.Module):
+    """The student's share of a step as one module call: what ``DistributedDataParallel`` wraps, since DDP
+    prepares its gradient all-reduce in the wrapped module's ``forward``."""
+
+    def __init__(self, student: MILE) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, crops: list[Tensor], mask: Tensor | None, mixing: bool) -> tuple[Tensor, Tensor]:
+        return _multicrop_views(self.student, crops, mask, mixing)
+
+
 class MILESelfSupervised(nn.Module):
     """Student and EMA teacher MILE models with the DINO loss; call :meth:`training_step` from your loop.
 
@@ -116,6 +149,7 @@ class MILESelfSupervised(nn.Module):
         self.loss = loss
         self.batch_mixing_compat = batch_mixing_compat
         self.clip_grad, self.freeze_last_layer = clip_grad, freeze_last_layer
+        self._ddp: DistributedDataParallel | None = None
 
     def train(self, mode: bool = True) -> MILESelfSupervised:
         super().train(mode)
@@ -126,20 +160,59 @@ class MILESelfSupervised(nn.Module):
         """AdamW groups over the student's trainable parameters (LoRA, qkv biases, aggregator, gate, head)."""
         return weight_decay_groups(self.student)
 
-    @staticmethod
-    def _views(model: MILE, crops: list[Tensor], mask: Tensor | None, mixing: bool) -> tuple[Tensor, Tensor]:
-        """Set latents and head outputs of every crop index, crop-major: (C * B, D), (C * B, K)."""
-        b, k = crops[0].shape[:2]
-        # one backbone call per resolution: (B, K, c, 3, h, w) -> (B, K, c, D)
-        # the batch was validated once by _check_batch
-        features = torch.cat(
-            [model._encode_valid_sets(group, mask) for group in crops], dim=2
-        )  # (B, K, C, D)
-        c = features.shape[2]
-        sets = features.permute(2, 0, 1, 3).reshape(c * b, k, -1)
-        set_mask = None if mask is None else mask.expand(c, b, k).reshape(c * b, k)
-        latent = model.aggregator(sets, set_mask, mixing_groups=c if mixing else None)
-        return latent, model.project(latent)
+    def ddp_student(self, **ddp_kwargs: Any) -> DistributedDataParallel:
+        """Train on several processes: wrap the student, and only it, in ``DistributedDataParallel``.
+
+        DDP's reducer then holds the student's trainable parameters (LoRA, qkv biases, aggregator, gate,
+        head; the frozen backbone has ``requires_grad=False``). The teacher stays outside it: it follows the
+        averaged student by EMA after each optimiser step, identically on every rank. DDP broadcasts the
+        student from rank 0 here, and the teacher and the loss centre are broadcast with it, so all ranks
+        start equal even from differently seeded models. From then on :meth:`forward` runs the student
+        through DDP, and :meth:`training_step` backpropagates :meth:`ddp_loss`, so that a step on shards of
+        any sizes equals one step on their concatenation (with ``batch_mixing_compat=False``: mixing lets
+        the objects of one rank's batch attend to each other, so the result depends on the sharding).
+
+        Call it once, after moving the module to its device. The DINO centre is averaged over the default
+        process group, which is therefore the only group allowed.
+
+        Args:
+            **ddp_kwargs: ``DistributedDataParallel`` arguments (``device_ids=[local_rank]`` on GPUs).
+                ``find_unused_parameters`` defaults to True: with one key per object the aggregator's
+                ``norm_q`` has no influence and gets no gradient.
+
+        Returns:
+            The DDP module (e.g. for ``no_sync()``).
+        """
+        if not is_distributed():
+            raise RuntimeError("ddp_student needs torch.distributed: call init_process_group first")
+        if self._ddp is not None:
+            raise RuntimeError("the student is already wrapped in DistributedDataParallel")
+        if ddp_kwargs.get("process_group") not in (None, dist.group.WORLD):
+            raise ValueError("process_group: DINOLoss averages its centre over the default group; use that")
+        ddp_kwargs.setdefault("find_unused_parameters", True)
+        ddp = DistributedDataParallel(_StudentViews(self.student), **ddp_kwargs)
+        with torch.no_grad():
+            for t in (*self.teacher.parameters(), *self.teacher.buffers(), *self.loss.buffers()):
+                dist.broadcast(t, src=0)
+        # a plain attribute, not a submodule: it wraps self.student, which state_dict() and .to() already cover
+        object.__setattr__(self, "_ddp", ddp)
+        return ddp
+
+    def ddp_loss(self, loss: Tensor, batch_size: int) -> tuple[Tensor, float]:
+        """The loss to backpropagate and the value to report: this batch's, or under :meth:`ddp_student` the
+        global batch's (the same on every rank, so a non-finite loss stops every rank, not one).
+
+        DINO's loss is a mean over this rank's ``n = batch_size`` objects, and DDP averages the gradients of
+        the W ranks. With N objects over all ranks, backpropagating ``loss * n * W / N`` makes that average
+        the gradient of the loss on the concatenated batch; the plain per-rank mean would weigh each object of
+        a rank ``N / (W * n)`` times its due, wrong for uneven shards. Costs one all-reduce of two numbers.
+        """
+        if self._ddp is None:
+            return loss, float(loss.detach())
+        n = float(batch_size)
+        stats = torch.stack([loss.detach().to(torch.float64) * n, loss.new_tensor(n, dtype=torch.float64)])
+        total_loss, total = all_reduce_sum_(stats).tolist()
+        return loss * (n * world_size() / total), total_loss / total
 
     def forward(self, batch: MultiCropSetBatch, *, epoch: int) -> SelfSupervisedOutput:
         """Loss and outputs of one batch (updates the loss centre when the loss module is in training mode)."""
@@ -151,8 +224,11 @@ class MILESelfSupervised(nn.Module):
                 f"the batch has {n_views} crops per image but the loss expects ncrops={self.loss.ncrops}"
             )
         with torch.no_grad():
-            t_latent, t_out = self._views(self.teacher, crops[:1], batch.mask, mixing=False)
-        s_latent, s_out = self._views(self.student, crops, batch.mask, mixing=self.batch_mixing_compat)
+            t_latent, t_out = _multicrop_views(self.teacher, crops[:1], batch.mask, mixing=False)
+        if self._ddp is None:
+            s_latent, s_out = _multicrop_views(self.student, crops, batch.mask, self.batch_mixing_compat)
+        else:  # through DDP's forward, which prepares the gradient all-reduce of the backward
+            s_latent, s_out = self._ddp(crops, batch.mask, self.batch_mixing_compat)
         loss = self.loss(s_out, t_out, epoch)
         return SelfSupervisedOutput(loss, s_latent, s_out, t_latent, t_out)
 
@@ -167,6 +243,10 @@ class MILESelfSupervised(nn.Module):
         amp_dtype: torch.dtype | None = None,
     ) -> StepStats:
         """Set lr/weight decay, forward, backward, clip, step, then move the teacher by EMA.
+
+        Under :meth:`ddp_student` the gradients are all-reduced in the backward (clipping sees the averaged
+        ones), the loss is scaled for uneven shards (:meth:`ddp_loss`), and the reported loss is the global
+        batch's.
 
         Args:
             batch: a :class:`MultiCropSetBatch`.
@@ -192,11 +272,11 @@ class MILESelfSupervised(nn.Module):
         device = batch.global_crops.device.type
         with torch.autocast(device, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             out = self(batch, epoch=epoch)
-        value = float(out.loss.detach())
+        loss, value = self.ddp_loss(out.loss, batch.global_crops.shape[0])
         if not math.isfinite(value):
             raise FloatingPointError(f"loss is {value} at epoch {epoch}, iteration {iteration}; stopping")
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         trainable = [p for p in self.student.parameters() if p.requires_grad]
         if self.clip_grad:
             clip_gradients_per_tensor(trainable, self.clip_grad)

@@ -1,0 +1,136 @@
+""":class:`~objretrieval.metrics.streaming.RetrievalMetrics` as a ``torchmetrics.Metric`` (torchmetrics optional).
+
+torchmetrics synchronises states by gathering them, so under DDP this adapter gathers every rank's stored
+embeddings to every rank (O(N x D) per rank) and evaluates them in one process per rank; the native
+:class:`~objretrieval.metrics.streaming.RetrievalMetrics` keeps each rank's shard and searches it in place.
+The values are the same: rows are gathered in rank order, so duplicates and ties resolve as in the native
+module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:
+    import torchmetrics
+    from torchmetrics.utilities import dim_zero_cat
+except ImportError as err:  # an optional dependency: say which package is missing
+    raise ImportError(
+        "objretrieval.metrics.torchmetrics_adapter needs torchmetrics: pip install torchmetrics "
+        "(RetrievalMetrics itself works without it)"
+    ) from err
+
+from objretrieval.metrics.evaluator import Average, RetrievalEvaluator
+from objretrieval.metrics.ranks import LabelComparison
+from objretrieval.metrics.retrieval import NoRelevantPolicy
+from objretrieval.metrics.streaming import (
+    _ROLES,
+    _STORAGE_DTYPES,
+    Role,
+    Rows,
+    check_roles,
+    check_update,
+    evaluate_rows,
+)
+from objretrieval.search import Metric
+
+
+class TorchmetricsRetrieval(torchmetrics.Metric):
+    """The retrieval metrics of :class:`~objretrieval.metrics.RetrievalEvaluator` as a ``torchmetrics.Metric``.
+
+    ``update(embeddings, labels, indices=None, *, role="both")`` and the arguments are those of
+    :class:`~objretrieval.metrics.streaming.RetrievalMetrics` (:meth:`RetrievalMetrics.as_torchmetrics`
+    builds one with the same settings); :meth:`compute` returns ``{name: 0-d float64 tensor}``, so
+    ``self.log_dict(metric.compute())`` logs them all in Lightning. ``forward`` only updates and returns None
+    (a batch alone has no meaningful retrieval value). The states are torchmetrics list states reduced by
+    concatenation (``dist_reduce_fx="cat"``); as with every torchmetrics list state, each rank should update at
+    least once before a distributed ``compute``.
+
+    Args:
+        metrics, metric, no_relevant, average, label_comparison_fn, block_size, device, kmeans_seed,
+        storage_dtype: as for :class:`~objretrieval.metrics.streaming.RetrievalMetrics`.
+        **kwargs: passed to ``torchmetrics.Metric`` (``process_group``, ``sync_on_compute``, ...).
+    """
+
+    # Lists of per-update tensors (a distributed sync concatenates each into one tensor).
+    embeddings: list[Tensor]
+    labels: list[Tensor]
+    indices: list[Tensor]
+    roles: list[Tensor]
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(
+        self,
+        metrics: Sequence[str] = ("precision@1", "r_precision", "map@r"),
+        *,
+        metric: Metric = "cosine",
+        no_relevant: NoRelevantPolicy = "exclude",
+        average: Average = "query",
+        label_comparison_fn: LabelComparison | None = None,
+        block_size: int = 4096,
+        device: torch.device | str | None = None,
+        kmeans_seed: int = 1234,
+        storage_dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.evaluator = RetrievalEvaluator(
+            metrics,
+            metric=metric,
+            no_relevant=no_relevant,
+            average=average,
+            label_comparison_fn=label_comparison_fn,
+            block_size=block_size,
+            device=device,
+            kmeans_seed=kmeans_seed,
+        )
+        if storage_dtype not in _STORAGE_DTYPES:
+            raise ValueError(f"storage_dtype must be one of {list(_STORAGE_DTYPES)}, got {storage_dtype!r}")
+        self.storage_dtype = storage_dtype
+        # Per row: embedding, label, dataset index (-1: none given) and role (its position in _ROLES).
+        for name in ("embeddings", "labels", "indices", "roles"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, embeddings: Any, labels: Any, indices: Any = None, *, role: Role = "both") -> None:
+        x, y, idx, role = check_update(
+            embeddings, labels, indices, role, self.evaluator.label_comparison_fn is not None
+        )
+        n = x.shape[0]
+        self.embeddings.append(x.detach().to(device=self.device, dtype=self.storage_dtype or x.dtype))
+        self.labels.append(y.to(self.device))
+        self.indices.append(
+            idx.to(self.device) if idx is not None else torch.full((n,), -1, device=self.device)
+        )
+        self.roles.append(torch.full((n,), _ROLES.index(role), device=self.device))
+
+    def compute(self) -> dict[str, Tensor]:
+        if not isinstance(self.labels, Tensor) and not self.labels:  # a sync makes each state one tensor
+            raise ValueError("compute() before any update(): nothing to evaluate")
+        embeddings, labels = dim_zero_cat(self.embeddings), dim_zero_cat(self.labels)
+        indices, roles = dim_zero_cat(self.indices), dim_zero_cat(self.roles)
+        given = indices >= 0
+        if bool(given.any()) and not bool(given.all()):
+            raise ValueError(
+                "indices were given to some updates and not to others: give them to every update since "
+                "the last reset(), or to none"
+            )
+        data = {}
+        for code, role in enumerate(_ROLES):
+            rows = (roles == code).nonzero().squeeze(1)
+            if rows.numel():
+                data[role] = Rows(
+                    embeddings[rows], labels[rows], indices[rows] if bool(given.all()) else None
+                )
+        check_roles({role: int(role in data) for role in _ROLES}, "this metric")
+        result = evaluate_rows(self.evaluator, data)
+        return {name: torch.tensor(value, dtype=torch.float64) for name, value in result.metrics.items()}
+
+    def forward(self, *args: Any, **kwargs: Any) -> None:
+        """Same as :meth:`update`: no batch value is computed (see the class docstring)."""
+        self.update(*args, **kwargs)
