@@ -10,9 +10,10 @@ Top-level names cover the common path; the subpackages hold the rest:
 - :mod:`objretrieval.reranking`: global shortlist -> pairwise (AMES) rerank -> fused ranking and evaluation.
 - :mod:`objretrieval.data`: objects as folders of images (set selection, padding, multi-crop views).
 - :mod:`objretrieval.training`: step helpers for self-supervised training (MILE), schedules, EMA.
+- :mod:`objretrieval.distributed`: losses that see the global batch, cross-rank gathers, the sharded kNN.
 """
 
-from objretrieval.metrics import RetrievalEvaluator, RetrievalResult
+from objretrieval.metrics import RetrievalEvaluator, RetrievalMetrics, RetrievalResult
 from objretrieval.models import (
     PretrainedCfg,
     create_model,
@@ -29,6 +30,7 @@ __all__ = [
     "Neighbors",
     "PretrainedCfg",
     "RetrievalEvaluator",
+    "RetrievalMetrics",
     "RetrievalResult",
     "__version__",
     "create_model",

@@ -9,6 +9,7 @@ the start of the epoch's list for the last round).
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import numpy as np
@@ -86,6 +87,9 @@ def _train(rank: int, world: int) -> dict[str, Any]:
             record[epoch] = steps
         record["params"] = torch.cat([p.detach().flatten() for p in model.parameters()])
         out[kind] = record
+        # a DistributedDataParallel alive when the spawn helper destroys the group can make gloo abort
+        del model, optimizer
+        gc.collect()
     return out
 
 

@@ -135,14 +135,14 @@ def sharded_knn(
         group,
     )
     compute_device = torch.device(device) if device is not None else q.device
-    search = _ShardedSearch(k, metric, compute_device, group)
+    search = ShardedSearch(k, metric, compute_device, group)
     if g is None:  # leave-one-out: the rows' ids, under whichever name the caller gave them
         name, ids = ("query_ids", qids) if gids is None else ("gallery_ids", gids)
         return search.leave_one_out(q, ids, name, block_size)
     return search.query_gallery(q, g, qids, gids, block_size, query_block_size)
 
 
-class _ShardedSearch:
+class ShardedSearch:
     """The collective steps shared by both modes; one instance per call."""
 
     def __init__(self, k: int, metric: Metric, device: torch.device, group: Group) -> None:
@@ -167,27 +167,27 @@ class _ShardedSearch:
         q_pos, _ = self._positions(qids, q.shape[0], q_sizes, "query_ids")
         g_pos, g_table = self._positions(gids, g.shape[0], g_sizes, "gallery_ids")
 
-        q_moves = self._exchange(q_pos // qbs)
-        q_rows, q_held = self._reshard(q, q_pos, q_moves)
-        g_rows, g_held = self._reshard(g, g_pos, self._exchange(g_pos // block_size))
-        like = self._origin(q_rows, q_held, num_q)
+        q_moves = self.exchange(q_pos // qbs)
+        q_rows, q_held = self.reshard(q, q_pos, q_moves)
+        g_rows, g_held = self.reshard(g, g_pos, self.exchange(g_pos // block_size))
+        like = self.origin(q_rows, q_held, num_q)
         g_f32 = g.dtype == torch.float32
         gallery_blocks = [
-            (start, self._prepare(rows, start, g_f32, like, whole=False))
-            for start, rows in _split_blocks(g_rows, g_held, block_size)
+            (start, self.prepare(rows, start, g_f32, like, whole=False))
+            for start, rows in split_blocks(g_rows, g_held, block_size)
         ]
         del g_rows
-        q_blocks = dict(_split_blocks(q_rows, q_held, qbs))
+        q_blocks = dict(split_blocks(q_rows, q_held, qbs))
         q_f32 = q.dtype == torch.float32
         buffer = torch.empty(min(qbs, num_q) * block_size, device=self.device)
         results: list[tuple[Tensor, Tensor]] = []
         for start in range(0, num_q, qbs):
             count = min(qbs, num_q - start)
             owner = start // qbs % self.world
-            block = self._broadcast(q_blocks.get(start), (count, q.shape[1]), owner)
+            block = self.broadcast(q_blocks.get(start), (count, q.shape[1]), owner)
             state = RunningTopK(count, self.k, self.device)
             if gallery_blocks:
-                queries = self._prepare(block, start, q_f32, like, whole=True)
+                queries = self.prepare(block, start, q_f32, like, whole=True)
                 for col, gal in gallery_blocks:
                     state.update(0, score_block(queries, gal, self.metric, out=buffer), col)
             merged = self._gather_merge(state.scores, state.indices, owner)
@@ -201,14 +201,14 @@ class _ShardedSearch:
         _check_k(self.k, n - 1, "the queries minus the excluded query itself")
         bs = 4096 if block_size is None else block_size
         pos, table = self._positions(ids, x.shape[0], sizes, name)
-        moves = self._exchange(pos // bs)
-        rows, held = self._reshard(x, pos, moves)
-        like = self._origin(rows, held, n)
+        moves = self.exchange(pos // bs)
+        rows, held = self.reshard(x, pos, moves)
+        like = self.origin(rows, held, n)
         f32 = x.dtype == torch.float32
-        raw = dict(_split_blocks(rows, held, bs))
+        raw = dict(split_blocks(rows, held, bs))
         own = {  # this rank's blocks: prepared rows and the running top-k of those rows
             start: (
-                self._prepare(block, start, f32, like, whole=True),
+                self.prepare(block, start, f32, like, whole=True),
                 RunningTopK(len(block), self.k, self.device),
             )
             for start, block in raw.items()
@@ -216,12 +216,12 @@ class _ShardedSearch:
         buffer = torch.empty(min(bs, n) ** 2, device=self.device)
         for a in range(0, n, bs):
             count, owner = min(bs, n - a), a // bs % self.world
-            block = self._broadcast(raw.get(a), (count, x.shape[1]), owner)
+            block = self.broadcast(raw.get(a), (count, x.shape[1]), owner)
             # blocks (a, c) with c > a: scored once, here, for the queries of both a and c
             later = [c for c in own if c > a]
             from_later = RunningTopK(count, self.k, self.device)
             if later:
-                rows_a = own[a][0] if a in own else self._prepare(block, a, f32, like, whole=True)
+                rows_a = own[a][0] if a in own else self.prepare(block, a, f32, like, whole=True)
                 for c in later:
                     s = score_block(rows_a, own[c][0], self.metric, out=buffer)
                     from_later.update(0, s, c)
@@ -260,11 +260,11 @@ class _ShardedSearch:
             )
         return torch.searchsorted(table, ids.cpu()), table
 
-    def _exchange(self, blocks: Tensor) -> _Exchange:
+    def exchange(self, blocks: Tensor) -> Exchange:
         """Block ``b`` goes to rank ``b % world``: cyclic, so leave-one-out's triangle of pairs is balanced."""
-        return _Exchange(blocks % self.world, self.comm, self.group)
+        return Exchange(blocks % self.world, self.comm, self.group)
 
-    def _reshard(self, x: Tensor, pos: Tensor, moves: _Exchange) -> tuple[Tensor, Tensor]:
+    def reshard(self, x: Tensor, pos: Tensor, moves: Exchange) -> tuple[Tensor, Tensor]:
         """Send rows (as float32, which is all the search reads) to their block owners; sorted by position."""
         rows = moves.forward(x.detach().to(self.comm, torch.float32))
         held = moves.forward(pos.to(self.comm))
@@ -272,7 +272,7 @@ class _ShardedSearch:
         moves.arrival_order = order
         return rows[order].to(self.device), held[order].cpu()
 
-    def _origin(self, rows: Tensor, held: Tensor, total: int) -> Prepared | None:
+    def origin(self, rows: Tensor, held: Tensor, total: int) -> Prepared | None:
         """For L2, what one process measures vectors from: chosen from the first queries in global order."""
         if self.metric != "l2":
             return None
@@ -284,7 +284,7 @@ class _ShardedSearch:
         sample = first[positions.cpu().argsort().to(self.device)]
         return Prepared(sample[:0], origin=l2_origin(sample))
 
-    def _prepare(
+    def prepare(
         self, rows: Tensor, start: int, was_f32: bool, like: Prepared | None, *, whole: bool
     ) -> Prepared:
         """Prepare a block as one process would, its operands at the same address alignment.
@@ -301,7 +301,7 @@ class _ShardedSearch:
             prepared = dataclasses.replace(prepared, vectors=_placed(prepared.vectors, start * row_bytes))
         return prepared
 
-    def _broadcast(self, block: Tensor | None, shape: tuple[int, int], owner: int) -> Tensor:
+    def broadcast(self, block: Tensor | None, shape: tuple[int, int], owner: int) -> Tensor:
         t = block.to(self.comm) if block is not None else torch.empty(shape, device=self.comm)
         dist.broadcast(t, src=_global_rank(self.group, owner), group=self.group)
         return t.to(self.device)
@@ -330,7 +330,7 @@ class _ShardedSearch:
         return merged_scores[:, : self.k].contiguous(), merged_indices[:, : self.k].contiguous()
 
     def _return(
-        self, results: list[tuple[Tensor, Tensor]], moves: _Exchange, table: Tensor | None
+        self, results: list[tuple[Tensor, Tensor]], moves: Exchange, table: Tensor | None
     ) -> Neighbors:
         """Send each query's result back to the rank and row it came from; positions become gallery ids."""
         k = self.k
@@ -343,7 +343,7 @@ class _ShardedSearch:
         return Neighbors(to_user_scores(scores.to(self.device), self.metric), indices.to(self.device))
 
 
-class _Exchange:
+class Exchange:
     """Rows of this rank sent to a destination rank each (``all_to_all``), and results sent back the same way.
 
     ``forward`` delivers rows grouped by source rank; :attr:`arrival_order` (set by the receiver) says how it
@@ -380,7 +380,7 @@ def _all_to_all(x: Tensor, recv: list[int], send: list[int], group: Group) -> Te
     return out
 
 
-def _split_blocks(rows: Tensor, held: Tensor, size: int) -> list[tuple[int, Tensor]]:
+def split_blocks(rows: Tensor, held: Tensor, size: int) -> list[tuple[int, Tensor]]:
     """``(start, rows)`` of each whole block of ``size`` positions in ``rows`` (sorted by position)."""
     blocks, i = [], 0
     while i < len(held):

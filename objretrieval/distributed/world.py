@@ -185,10 +185,10 @@ def check_on_every_rank(check: Callable[[], tuple[T, Hashable]], what: str, grou
     if failures:
         kind = TypeError if all(name == "TypeError" for _, (name, _) in failures) else ValueError
         raise kind(f"{what}: " + "; ".join(f"rank {r}: {message}" for r, (_, message) in failures))
-    settings = [s for _, s in everyone]
-    if len(set(settings)) > 1:
+    agreed = [s for _, s in everyone]
+    if len(set(agreed)) > 1:
         raise ValueError(
-            f"{what}: every rank must pass the same arguments, but ranks differ in {_differences(settings)}"
+            f"{what}: every rank must pass the same arguments, but ranks differ in {_differences(agreed)}"
         )
     return result
 

@@ -23,6 +23,7 @@ from objretrieval.losses.avsl import (
 from objretrieval.losses.base import MetricLoss, PairBatch, ParametricLoss, Reduction
 from objretrieval.losses.contextual import ContextualLoss, contextual_similarity, contextual_term
 from objretrieval.losses.contrastive import ContrastiveLoss, margin_contrastive, similarity_regularizer
+from objretrieval.losses.cross_batch_memory import CrossBatchMemory
 from objretrieval.losses.dino import DINOLoss, teacher_temperature_schedule
 from objretrieval.losses.margin import MarginLoss
 from objretrieval.losses.multi_similarity import MultiSimilarityLoss
@@ -40,6 +41,7 @@ __all__ = [
     "AdversarialDecorrelationLoss",
     "ContextualLoss",
     "ContrastiveLoss",
+    "CrossBatchMemory",
     "DINOLoss",
     "MarginLoss",
     "MetricLoss",

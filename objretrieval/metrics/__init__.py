@@ -1,6 +1,7 @@
 """Retrieval and clustering metrics.
 
 The :class:`RetrievalEvaluator` covers the deep-metric-learning protocols (leave-one-out and query/gallery);
+:class:`RetrievalMetrics` is the same engine as an ``nn.Module`` that accumulates batches, across processes too;
 the functions below it serve custom loops and the landmark protocols. Each metric name is a row of the metric
 table (:func:`list_metrics`); :func:`register_metric` adds one.
 """
@@ -36,6 +37,7 @@ from objretrieval.metrics.revisited import (
     revisited_map,
 )
 from objretrieval.metrics.set_retrieval import AverageRecall, average_recall_at_k
+from objretrieval.metrics.streaming import RetrievalMetrics
 
 __all__ = [
     "AverageRecall",
@@ -47,6 +49,7 @@ __all__ = [
     "Relevance",
     "RelevantRanks",
     "RetrievalEvaluator",
+    "RetrievalMetrics",
     "RetrievalResult",
     "RevisitedResult",
     "adjusted_mutual_info",

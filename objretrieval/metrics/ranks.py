@@ -26,7 +26,7 @@ from objretrieval.search.sources import BlockSource, GalleryLike
 LabelComparison = Callable[[Tensor, Tensor], Tensor]
 
 # Bound on the (rows x gallery block x relevant items) comparison tensor of the exhaustive count.
-_COMPARE_BUDGET = 1 << 25
+COMPARE_BUDGET = 1 << 25
 # Label pairs handed to a custom comparison at once when counting relevant items.
 _LABEL_BUDGET = 1 << 22
 
@@ -263,7 +263,7 @@ def ranks_exhaustive(
     above = torch.zeros((num_queries, width), dtype=torch.int64, device=device)
     for row_start, col_offset, s in passes(already_checked(source), "ranking (2/2)"):
         cols = torch.arange(col_offset, col_offset + s.shape[1], device=device)[None, :, None]
-        chunk = max(1, _COMPARE_BUDGET // (s.shape[1] * width))
+        chunk = max(1, COMPARE_BUDGET // (s.shape[1] * width))
         for r in range(0, s.shape[0], chunk):
             rows = slice(row_start + r, row_start + min(r + chunk, s.shape[0]))
             block = s[r : r + chunk, :, None]
