@@ -44,11 +44,9 @@ from _harness import measure
 from bench_eval import make_embeddings
 from torch import nn
 
-from objretrieval.distributed.gather import all_gather_with_grad
-from objretrieval.distributed.loss import DistributedLoss
-from objretrieval.distributed.world import shard_range
+from objretrieval.distributed import DistributedLoss, all_gather_with_grad, shard_range
 from objretrieval.losses import ContrastiveLoss
-from objretrieval.metrics.streaming import RetrievalMetrics
+from objretrieval.metrics import RetrievalMetrics
 
 METRICS = ["recall@1", "map@r"]
 WARMUP, RUNS = 2, 10

@@ -34,10 +34,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from objretrieval.distributed import world
-from objretrieval.distributed.loss import DistributedLoss
+from objretrieval.distributed import DistributedLoss, world
 from objretrieval.losses import MultiSimilarityLoss
-from objretrieval.metrics.streaming import RetrievalMetrics
+from objretrieval.metrics import RetrievalMetrics
 from objretrieval.samplers import MPerClassSampler
 
 METRICS = ["recall@1", "recall@2", "recall@4", "recall@8", "map@r"]

@@ -15,7 +15,14 @@ from objretrieval import RetrievalEvaluator, knn
 from objretrieval.descriptors import HEADER, DescriptorStore, split_rows
 from objretrieval.distributed.world import shard_range
 from objretrieval.models import AMES, AttributableSimilarity, AVSLFeatures, AVSLScorer
-from objretrieval.reranking import AMESScorer, DatabaseCache, TableScorer, rerank, score_shortlist
+from objretrieval.reranking import (
+    AMESScorer,
+    DatabaseCache,
+    TableScorer,
+    rerank,
+    rerank_revisited,
+    score_shortlist,
+)
 from objretrieval.search import pairwise_knn
 from objretrieval.search.pairwise import score_candidates
 from tests.spawn import run_world
@@ -118,6 +125,14 @@ def _pipelines(rank: int, world: int, folder: str) -> dict:
         direct = AMESScorer(model, queries, database, query_descriptors=TOPK, database_descriptors=TOPK)
         out["raw_direct"] = score_shortlist(direct, shortlist, k=6, chunk_size=12, group=group)
         out["raw_direct_single"] = score_shortlist(direct, shortlist, k=6, chunk_size=12)
+        gnd = [{"easy": [q], "hard": [q + 1], "junk": [q + 2]} for q in range(NUM_QUERIES)]
+        revisited = rerank_revisited(scorer, shortlist, gnd, top_k=(3, 6), group=group)
+        revisited_single = rerank_revisited(single_scorer, shortlist, gnd, top_k=(3, 6))
+        out["revisited_equal"] = all(
+            torch.equal(revisited.raw[m], revisited_single.raw[m]) for m in ("medium", "hard")
+        ) and [c.medium.summary() for c in revisited.combinations] == [
+            c.medium.summary() for c in revisited_single.combinations
+        ]
         try:  # ranks with different shortlists are refused on every rank, instead of mixing their scores
             score_candidates(scorer, shortlist.indices.roll(rank, dims=1), group=group)
         except ValueError as e:

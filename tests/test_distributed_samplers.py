@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
-from objretrieval.distributed.loss import DistributedLoss
+from objretrieval.distributed import DistributedLoss
 from objretrieval.losses import ContrastiveLoss
 from objretrieval.samplers import ClusterBatchSampler, HierarchicalSampler, MPerClassSampler
 from objretrieval.samplers.cluster import PseudoLabelledDataset

@@ -57,9 +57,14 @@ def all_reduce_sum_(t: Tensor, group: Group = None) -> Tensor:
 
 
 def comm_device(t: Tensor, group: Group = None) -> torch.device:
-    """Where a tensor must live for the group's backend: nccl exchanges CUDA tensors, gloo CPU tensors."""
+    """Where a tensor must live for the group's backend: nccl exchanges CUDA tensors (on this process's
+    current device when ``t`` is on the CPU), gloo CPU tensors; other backends take ``t`` where it is."""
     backend = dist.get_backend(group)
-    return t.device if backend != "gloo" else torch.device("cpu")
+    if backend == "gloo":
+        return torch.device("cpu")
+    if backend == "nccl" and t.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
 
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool)

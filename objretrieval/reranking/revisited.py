@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from objretrieval.distributed.world import Group
 from objretrieval.metrics.revisited import RevisitedResult, revisited_map
 from objretrieval.reranking.shortlist import MISSING, Shortlist, ShortlistLike, rerank, score_shortlist
 from objretrieval.search.pairwise import PairwiseScorer
@@ -89,6 +90,7 @@ def rerank_revisited(
     lamb: Iterable[float] | None = None,
     temp: Iterable[float] | None = None,
     kappas: Sequence[int] = (1, 5, 10),
+    group: Group | None = None,
 ) -> RevisitedReranking:
     """Rerank and evaluate on revisited Oxford/Paris over a grid of (k, lamb, temp).
 
@@ -105,6 +107,9 @@ def rerank_revisited(
             for each AMES builder), else 0.5.
         temp: sigmoid temperatures of the pairwise logits; default as ``lamb``.
         kappas: depths of mean precision@k.
+        group: share the pairwise scoring over this process group's ranks, as
+            :func:`~objretrieval.reranking.score_shortlist` does (every rank gets every result, identical to
+            one process's); None scores in this process.
     """
     shortlist = Shortlist.of(shortlist)
     if len(gnd) != shortlist.indices.shape[0]:
@@ -121,7 +126,7 @@ def rerank_revisited(
         "hard": [list(g["junk"]) + list(g["easy"]) for g in gnd],
     }
     runs = {mode: shortlist.move_to_end(ids) for mode, ids in excluded.items()}
-    raw = {mode: score_shortlist(scorer, run, max_k) for mode, run in runs.items()}
+    raw = {mode: score_shortlist(scorer, run, max_k, group=group) for mode, run in runs.items()}
     combinations = []
     for k, lam, t in itertools.product(ks, lambs, temps):
         rankings = {mode: rerank(runs[mode], raw[mode], k, lam, t) for mode in runs}
