@@ -10,6 +10,7 @@ Spawning costs a few seconds, so a test puts many checks into one call.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import tempfile
@@ -40,7 +41,13 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, out: str, a
     try:
         result = fn(rank, world, *args)
         torch.save(result, Path(out) / f"rank{rank}.pt")
+        del result
+        # a DistributedDataParallel reducer still alive when the group is destroyed makes gloo abort the
+        # process now and then ("terminate called without an active exception"): collect it first
+        gc.collect()
+        dist.barrier()
     finally:
+        gc.collect()
         dist.destroy_process_group()
 
 
