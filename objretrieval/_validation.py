@@ -69,14 +69,15 @@ def check_embeddings(x: Any, name: str) -> Tensor:
 
 
 def check_finite_values(t: Tensor, name: str, row_offset: int = 0) -> None:
-    """Raise if ``t`` holds NaN or inf, naming the first offending row."""
+    """Raise if ``t`` holds NaN or inf, naming the first offending row (entry, for a 1-D ``t``)."""
     # One reduction pass: a sum is finite unless some value is NaN/inf (or the sum overflows, which the
     # exact check below then clears). torch.isfinite alone would take four passes over every gallery block.
     if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float32))):
         return
     finite = torch.isfinite(t)
     if not bool(finite.all()):
-        bad_row = int((~finite).any(dim=-1).nonzero()[0, 0]) + row_offset
+        bad = ~finite if finite.ndim < 2 else (~finite).flatten(1).any(dim=1)
+        bad_row = int(bad.reshape(-1).nonzero()[0, 0]) + row_offset
         raise ValueError(f"{name} contains NaN or inf values (first at row {bad_row})")
 
 

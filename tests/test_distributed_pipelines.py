@@ -56,6 +56,10 @@ def _extract_shard(folder: Path, name: str, rows: torch.Tensor, world: int) -> l
     return [str(folder / f"{name}.{r}.h5") for r in range(world)]
 
 
+def _all_ids(n: int) -> torch.Tensor:
+    return torch.arange(n).expand(n, n)
+
+
 def _ames() -> AMES:
     torch.manual_seed(0)  # the same random weights in every process
     return AMES(DIM, model_dim=16, nhead=2, num_encoder_layers=1, dim_feedforward=32).eval()
@@ -162,6 +166,17 @@ def _pipelines(rank: int, world: int, folder: str) -> dict:
         pairwise_knn(loo, 2 + rank, exclude_self=True, group=group)
     except ValueError as e:
         out["knn_mismatch"] = str(e)
+    table = torch.randn(6, 6, generator=torch.Generator().manual_seed(4))
+    table[5, 5] = float("nan")  # scored only by the last rank's blocks: every rank must raise, none hang
+    nan = TableScorer(table)
+    for name, call in (
+        ("nan_blocks", lambda: pairwise_knn(nan, 2, query_block_size=1, gallery_block_size=1, group=group)),
+        ("nan_pairs", lambda: score_candidates(nan, _all_ids(6), chunk_size=1, group=group)),
+    ):
+        try:
+            call()
+        except ValueError as e:
+            out[name] = str(e)
     g = torch.Generator().manual_seed(3)
     ties = torch.randint(0, 3, (9, 9), generator=g).float()  # few distinct scores: ties everywhere
     tied = TableScorer(ties + ties.T)
@@ -199,6 +214,8 @@ def test_sharded_pipelines_equal_one_process(world: int, tmp_path: Path) -> None
         assert "score_candidates: every rank must pass the same arguments" in out["mismatch"]
         assert "candidates" in out["mismatch"]
         assert f"k: {[2 + q for q in range(world)]}" in out["knn_mismatch"]
+        assert f"rank {world - 1}: scores from TableScorer" in out["nan_blocks"]
+        assert f"rank {world - 1}: scores from TableScorer" in out["nan_pairs"]
         # 3. AVSL: identical metrics in every mode
         assert out["features_equal"]
         for name in ("loo", "qg", "rescored"):
@@ -241,6 +258,10 @@ def test_open_shards_refuses_inconsistent_shards(tmp_path: Path) -> None:
         DescriptorStore.open_shards([a, str(tmp_path / "f16.h5")])
     with pytest.raises(ValueError, match="1 of its 2 images written"):
         DescriptorStore.open_shards([a, _write_shard(tmp_path / "i.h5", range(3, 5), 5, rows=1)])
+    with DescriptorStore.create(tmp_path / "u.h5", 5, TOPK, DIM, shard=range(3, 5), chunked=False):
+        pass  # contiguous storage, never written: it would read as zeros
+    with pytest.raises(ValueError, match="none of its 2 images written"):
+        DescriptorStore.open_shards([a, str(tmp_path / "u.h5")])
     with DescriptorStore.create(tmp_path / "plain.h5", 2, TOPK, DIM) as plain:
         plain.write(0, torch.ones(2, TOPK, HEADER + DIM))
     with pytest.raises(ValueError, match="is not a shard"):
@@ -276,3 +297,14 @@ def test_leave_one_out_leaves_the_scorers_blocks_unchanged(symmetric: bool) -> N
     assert torch.equal(scorer.table, table)
     expected = table.fill_diagonal_(float("-inf")).topk(3, dim=1)
     assert torch.equal(found.indices, expected.indices) and torch.equal(found.scores, expected.values)
+
+
+def test_a_scorers_nan_is_named_in_one_process_too() -> None:
+    table = torch.zeros(3, 3)
+    table[2, 1] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"scores from TableScorer contains NaN or inf values \(first at row 1\)"
+    ):
+        score_candidates(TableScorer(table), _all_ids(3), chunk_size=2)  # the chunk's 2nd pair: (2, 1)
+    with pytest.raises(ValueError, match="scores from TableScorer contains NaN"):
+        pairwise_knn(TableScorer(table), 1)

@@ -256,6 +256,11 @@ def _read_shard(path: PathLike) -> tuple[str, range, tuple[int, int], np.dtype, 
                 raise ValueError(
                     f"shard {path} has {written} of its {len(store)} images written: its extraction stopped early"
                 )
+        elif features.chunks is None and len(store) and features.id.get_storage_size() == 0:
+            # contiguous storage is allocated on the first write: none means the shard would read as zeros
+            raise ValueError(
+                f"shard {path} has none of its {len(store)} images written: its extraction failed"
+            )
         shape = (int(features.shape[1]), int(features.shape[2]))
         return path, store.images, shape, features.dtype, int(attrs[_NUM_IMAGES])
 

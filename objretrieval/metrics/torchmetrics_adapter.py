@@ -48,11 +48,14 @@ class TorchmetricsRetrieval(torchmetrics.Metric):
     ``self.log_dict(metric.compute())`` logs them all in Lightning. ``forward`` only updates and returns None
     (a batch alone has no meaningful retrieval value). The states are torchmetrics list states reduced by
     concatenation (``dist_reduce_fx="cat"``); as with every torchmetrics list state, each rank should update at
-    least once before a distributed ``compute``.
+    least once before a distributed ``compute``. That sync gathers every rank's embeddings to every rank
+    (O(N x D) each); :class:`~objretrieval.metrics.streaming.RetrievalMetrics` itself keeps them sharded.
+
+    The arguments ``metrics``, ``metric``, ``no_relevant``, ``average``, ``label_comparison_fn``,
+    ``block_size``, ``device``, ``kmeans_seed`` and ``storage_dtype`` are those of
+    :class:`~objretrieval.metrics.streaming.RetrievalMetrics`.
 
     Args:
-        metrics, metric, no_relevant, average, label_comparison_fn, block_size, device, kmeans_seed,
-        storage_dtype: as for :class:`~objretrieval.metrics.streaming.RetrievalMetrics`.
         **kwargs: passed to ``torchmetrics.Metric`` (``process_group``, ``sync_on_compute``, ...).
     """
 

@@ -18,7 +18,8 @@ batches.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -35,6 +36,8 @@ from objretrieval.distributed.world import (
 from objretrieval.search.knn import Neighbors
 from objretrieval.search.scoring import mask_excluded
 from objretrieval.search.topk import RunningTopK, sort_by_score_then_index
+
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -133,10 +136,14 @@ def _gather(x: Tensor, group: Group | None, name: str) -> Tensor:
     return x if group is None else all_gather_uneven(x, group, name)[0]
 
 
-def _check_plan(scorer: PairwiseScorer, group: Group, what: str, **values: int) -> None:
-    """Refuse ranks that were given different arguments (they would hang, or mix their results)."""
-    plan = {"num_queries": int(scorer.num_queries), "num_gallery": int(scorer.num_gallery), **values}
-    check_on_every_rank(lambda: (None, tuple(plan.items())), what, group)
+def _on_every_rank(check: Callable[[], tuple[T, Hashable]], what: str, group: Group | None) -> T:
+    """``check()``'s result; with a group, a failure on one rank (bad arguments, a scorer's NaN) or ranks
+    given different arguments raise on every rank instead of leaving the others in the next exchange."""
+    return check()[0] if group is None else check_on_every_rank(check, what, group)
+
+
+def _sizes(scorer: PairwiseScorer) -> tuple[tuple[str, int], ...]:
+    return ("num_queries", int(scorer.num_queries)), ("num_gallery", int(scorer.num_gallery))
 
 
 def _fingerprint(ids: Tensor) -> int:
@@ -173,30 +180,40 @@ def score_candidates(
             and the candidates are checked). None: this process scores every pair.
     """
     q, n = int(scorer.num_queries), int(scorer.num_gallery)
-    chunk_size = check_positive_int(chunk_size, "chunk_size")
-    if not isinstance(candidates, Tensor) or candidates.dim() != 2 or candidates.shape[0] != q:
-        shape = tuple(candidates.shape) if isinstance(candidates, Tensor) else type(candidates).__name__
-        raise ValueError(f"candidates must be a ({q}, S) tensor of gallery ids, got {shape}")
-    if candidates.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"candidates must hold integer gallery ids, got {candidates.dtype}")
-    ids = candidates.to(scorer.device, torch.int64)
-    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= n):
-        raise ValueError(f"candidates hold ids outside [-1, {n}): min {int(ids.min())}, max {int(ids.max())}")
-    rows = torch.arange(q, device=ids.device)[:, None].expand_as(ids)
-    scored = ids >= 0
-    if exclude_self:
-        scored &= ids != rows
+
+    def check() -> tuple[tuple[Tensor, Tensor, Tensor, int], Hashable]:
+        size = check_positive_int(chunk_size, "chunk_size")
+        if not isinstance(candidates, Tensor) or candidates.dim() != 2 or candidates.shape[0] != q:
+            shape = tuple(candidates.shape) if isinstance(candidates, Tensor) else type(candidates).__name__
+            raise ValueError(f"candidates must be a ({q}, S) tensor of gallery ids, got {shape}")
+        if candidates.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"candidates must hold integer gallery ids, got {candidates.dtype}")
+        ids = candidates.to(scorer.device, torch.int64)
+        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= n):
+            raise ValueError(
+                f"candidates hold ids outside [-1, {n}): min {int(ids.min())}, max {int(ids.max())}"
+            )
+        rows = torch.arange(q, device=ids.device)[:, None].expand_as(ids)
+        scored = ids >= 0
+        if exclude_self:
+            scored &= ids != rows
+        plan = (("candidates", _fingerprint(ids)), ("exclude_self", exclude_self), ("chunk_size", size))
+        return (ids, rows, scored, size), (*_sizes(scorer), *plan)
+
+    ids, rows, scored, size = _on_every_rank(check, "score_candidates", group)
     flat_rows, flat_ids = rows[scored], ids[scored]
-    if group is not None:
-        plan = {"candidates": _fingerprint(ids), "exclude_self": exclude_self, "chunk_size": chunk_size}
-        _check_plan(scorer, group, "score_candidates", **plan)
     scores = torch.full(ids.shape, fill, device=ids.device)
     if len(flat_rows):
-        parts = [
-            _checked_scores(scorer, flat_rows[s : s + chunk_size], flat_ids[s : s + chunk_size])
-            for s in _my_share(range(0, len(flat_rows), chunk_size), group)
-        ]
-        scores[scored] = _gather(torch.cat(parts) if parts else scores.new_empty(0), group, "pair scores")
+
+        def my_scores() -> tuple[Tensor, Hashable]:
+            parts = [
+                _checked_scores(scorer, flat_rows[s : s + size], flat_ids[s : s + size])
+                for s in _my_share(range(0, len(flat_rows), size), group)
+            ]
+            return torch.cat(parts) if parts else scores.new_empty(0), ()
+
+        mine = _on_every_rank(my_scores, "score_candidates", group)
+        scores[scored] = _gather(mine, group, "pair scores")
     return scores
 
 
@@ -239,39 +256,46 @@ def pairwise_knn(
         in candidates mode, rows with fewer than k valid candidates end in index -1 and score -inf.
     """
     q, n = int(scorer.num_queries), int(scorer.num_gallery)
-    k = check_positive_int(k, "k")
-    query_block_size = check_positive_int(query_block_size, "query_block_size")
-    gallery_block_size = check_positive_int(gallery_block_size, "gallery_block_size")
-    if exclude_self and q != n:
-        raise ValueError(f"exclude_self needs as many queries as gallery items, got {q} and {n}")
+
+    def check() -> tuple[tuple[int, int, int, bool], Hashable]:
+        checked_k = check_positive_int(k, "k")
+        qbs = check_positive_int(query_block_size, "query_block_size")
+        gbs = check_positive_int(gallery_block_size, "gallery_block_size")
+        if exclude_self and q != n:
+            raise ValueError(f"exclude_self needs as many queries as gallery items, got {q} and {n}")
+        available = n - 1 if exclude_self else n
+        if candidates is None and checked_k > available:
+            raise ValueError(f"k={checked_k} exceeds the {available} gallery items each query can retrieve")
+        symmetric = bool(getattr(scorer, "symmetric", False)) and exclude_self
+        plan = (("k", checked_k), ("exclude_self", exclude_self), ("symmetric", symmetric))
+        blocks = (("query_block_size", qbs), ("gallery_block_size", gbs))
+        return (checked_k, qbs, gbs, symmetric), (*_sizes(scorer), *plan, *blocks)
+
+    k, query_block_size, gallery_block_size, symmetric = _on_every_rank(check, "pairwise_knn", group)
     if candidates is not None:
         return _rescore(scorer, k, candidates, exclude_self, pair_chunk_size, group)
-    available = n - 1 if exclude_self else n
-    if k > available:
-        raise ValueError(f"k={k} exceeds the {available} gallery items each query can retrieve")
-    symmetric = bool(getattr(scorer, "symmetric", False)) and exclude_self
-    if group is not None:
-        sizes = {"query_block_size": query_block_size, "gallery_block_size": gallery_block_size}
-        _check_plan(
-            scorer, group, "pairwise_knn", k=k, exclude_self=exclude_self, symmetric=symmetric, **sizes
-        )
     exclude = torch.arange(q, device=scorer.device) if exclude_self else None
     top = RunningTopK(q, k, scorer.device)
-    if symmetric:
-        size = query_block_size
-        starts = range(0, q, size)
-        tiles = [(i, j) for i in starts for j in starts if j >= i]
-        for i, j in tqdm(_my_tiles(tiles, group), disable=not progress, desc="pairwise", unit="block"):
-            s = _without_excluded(score_block(scorer, slice(i, i + size), slice(j, j + size)), exclude, i, j)
-            top.update(i, s, j)
-            if j > i:
-                top.update(j, s.T, i)
-        return _merge_ranks(top, group)
-    blocks = [(i, j) for j in range(0, n, gallery_block_size) for i in range(0, q, query_block_size)]
-    for i, j in tqdm(_my_tiles(blocks, group), disable=not progress, desc="pairwise", unit="block"):
-        s = score_block(scorer, slice(i, i + query_block_size), slice(j, j + gallery_block_size))
-        top.update(i, _without_excluded(s, exclude, i, j), j)
-    return _merge_ranks(top, group)
+
+    def search() -> tuple[RunningTopK, Hashable]:
+        if symmetric:
+            size = query_block_size
+            starts = range(0, q, size)
+            tiles = [(i, j) for i in starts for j in starts if j >= i]
+            for i, j in tqdm(_my_tiles(tiles, group), disable=not progress, desc="pairwise", unit="block"):
+                s = score_block(scorer, slice(i, i + size), slice(j, j + size))
+                s = _without_excluded(s, exclude, i, j)
+                top.update(i, s, j)
+                if j > i:
+                    top.update(j, s.T, i)
+            return top, ()
+        blocks = [(i, j) for j in range(0, n, gallery_block_size) for i in range(0, q, query_block_size)]
+        for i, j in tqdm(_my_tiles(blocks, group), disable=not progress, desc="pairwise", unit="block"):
+            s = score_block(scorer, slice(i, i + query_block_size), slice(j, j + gallery_block_size))
+            top.update(i, _without_excluded(s, exclude, i, j), j)
+        return top, ()
+
+    return _merge_ranks(_on_every_rank(search, "pairwise_knn", group), group)
 
 
 def _without_excluded(block: Tensor, exclude: Tensor | None, row_start: int, col_offset: int) -> Tensor:
