@@ -383,6 +383,20 @@ def queue_on_ranks(rank: int, world: int, sizes: list[list[int]]) -> dict:
         mine = x[3 * rank : 3 * rank + 3].clone().requires_grad_()
         averaged(mine, y[3 * rank : 3 * rank + 3]).backward()
         out["ms_grad"].append(mine.grad)
+    # a NaN, then a float label, on the last rank only: every rank raises, and no queue moves
+    before = checksum(cbm)
+    x, y = global_batch(0, 2)
+    bad_x = x.clone()
+    bad_x[1, 0] = float("nan") if rank == world - 1 else 0.0
+    bad_y = y.double() if rank == world - 1 else y
+    out["errors"] = []
+    for emb, lab in ((bad_x, y), (x, bad_y)):
+        try:
+            cbm(emb, lab)
+            out["errors"].append(None)
+        except (TypeError, ValueError) as err:
+            out["errors"].append(str(err))
+    out["unchanged"] = checksum(cbm) == before
     return out
 
 
@@ -407,6 +421,11 @@ def test_queues_identical_across_ranks(world: int) -> None:
         assert torch.equal(r["memory"][0], emb) and torch.equal(r["memory"][1], lab)
         assert torch.equal(r["raw"][0], single.embedding_memory)
         assert torch.equal(r["raw"][1], single.label_memory)
+    for r in ranks:
+        nan, float_labels = r["errors"]
+        assert f"CrossBatchMemory: rank {world - 1}: embeddings contains NaN" in nan
+        assert f"CrossBatchMemory: rank {world - 1}: labels must have an integer dtype" in float_labels
+        assert r["unchanged"]
     averaged = CrossBatchMemory(MultiSimilarityLoss(), MEMORY)
     for t in range(3):
         x, y = global_batch(t, 3 * world)

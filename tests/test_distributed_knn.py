@@ -166,7 +166,7 @@ def _by_id(parts: list[torch.Tensor], ids: list[torch.Tensor] | None) -> torch.T
 ERRORS = {
     "duplicate ids": "gallery_ids must be unique over all ranks: id 0 is given more than once",
     "duplicate loo ids": "query_ids must be unique over all ranks",
-    "gallery dims differ across ranks": "gallery: every rank must pass a tensor with the same trailing shape",
+    "gallery dims differ across ranks": "gallery: every rank must pass a tensor of 1 to 8 dimensions",
     "query vs gallery dim": "gallery has dim 7 but queries have dim 6",
     "k too big": "is larger than the gallery",
     "k too big loo": "is larger than the queries minus the excluded query itself",

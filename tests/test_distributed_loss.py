@@ -123,6 +123,18 @@ def _rank(rank: int, world: int, sizes: list[int]) -> dict[str, Any]:
             out[kind] = None
         except ValueError as err:
             out[kind] = str(err)
+    torch.manual_seed(
+        rank
+    )  # proxies initialised differently on every rank: the first call replicates rank 0's
+    proxy = DistributedLoss(ProxyAnchorLoss(CLASSES, DIM), mode="local")
+    initial = proxy.loss.proxies.detach().clone()
+    try:  # a label out of range on one rank: every rank raises (the others would wait in the backward)
+        proxy(torch.randn(2, DIM), torch.tensor([0, CLASSES if rank == 1 else 1]))
+        out["label_range"] = None
+    except ValueError as err:
+        out["label_range"] = str(err)
+    proxy(torch.randn(2, DIM), torch.tensor([0, 1])).backward()
+    out["proxies"] = (initial, proxy.loss.proxies.detach().clone())
     return out
 
 
@@ -177,11 +189,20 @@ def test_gradients_and_values_equal_one_process(
 def test_every_rank_raises_when_layouts_differ(world: tuple[list[int], list[dict[str, Any]]]) -> None:
     _, results = world
     for result in results:
-        assert "embeddings: every rank must pass" in result["dim"] and "rank 1: (" in result["dim"]
-        assert "torch.float32" in result["dtype"] and "torch.float64" in result["dtype"]
+        assert "ranks differ in dim: [8, 6" in result["dim"]
+        assert "dtype: ['torch.float32', 'torch.float64'" in result["dtype"]
         assert (
             "DistributedLoss: rank 1: embeddings contains NaN or inf" in result["nan"]
-        )  # not only on rank 1
+        )  # raised on every rank
+        assert "rank 1: labels must lie in [0, num_classes=" in result["label_range"]
+
+
+def test_the_loss_parameters_start_as_rank_0s(world: tuple[list[int], list[dict[str, Any]]]) -> None:
+    _, results = world
+    rank0_initial = results[0]["proxies"][0]
+    assert not torch.equal(results[1]["proxies"][0], rank0_initial)  # the ranks did start apart
+    for result in results:
+        assert torch.equal(result["proxies"][1], rank0_initial)  # one forward later: rank 0's everywhere
 
 
 def test_cases_cover_every_metric_loss() -> None:

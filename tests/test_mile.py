@@ -235,6 +235,9 @@ def test_dino_loss_centre_and_errors() -> None:
         DINOLoss(8, ncrops=4, center_momentum=1.5)
     with pytest.raises(ValueError, match="ncrops must be >= 2"):
         DINOLoss(8, ncrops=1)
+    with pytest.raises(ValueError, match="teacher_output: the global batch is empty"):
+        loss.update_center(torch.empty(0, 8))  # a centre of 0 / 0 would be NaN from then on
+    assert torch.isfinite(loss.center).all()
 
 
 def test_dino_loss_dtype_rule_float64_stays_float64_half_computes_in_float32() -> None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from objretrieval._validation import check_choice, check_embeddings, check_labels
+from objretrieval._validation import check_choice, check_embeddings, check_label_range, check_labels
 from objretrieval.distributed.gather import all_gather_with_grad
 from objretrieval.distributed.world import (
     Group,
@@ -83,9 +84,9 @@ class DistributedLoss(nn.Module):
 
         - global: every rank computes the same ``L``, so ``grad x_s = W dL/dx_s``, and DDP's mean divides the
           ``W`` out: each model parameter's gradient is ``dL/dtheta``, the gradient of one process on the
-          concatenated batch. The loss's own parameters (proxies, margins) are replicated and every rank
-          computes their full ``dL/dP``; they need no reduction (in DDP too, the mean of equal values is that
-          value).
+          concatenated batch. The loss's own parameters (proxies, margins) are replicated (the first call
+          broadcasts rank 0's, as DDP does for a model) and every rank computes their full ``dL/dP``; they
+          need no reduction (in DDP too, the mean of equal values is that value).
         - local: each model parameter's gradient is ``d/dtheta (1/W) sum_r L_r``. The loss's own parameters get
           the same, ``(1/W) sum_r dL_r/dP``: their gradients are averaged over the ranks inside the backward
           pass, so they need no DDP (averaging them again in DDP changes nothing). The returned value is
@@ -125,6 +126,18 @@ class DistributedLoss(nn.Module):
         self.loss = loss
         self.miner = miner
         self.group = group
+        self._replicated = False
+
+    @torch.no_grad()
+    def _replicate(self) -> None:
+        """Give every rank rank 0's loss parameters and buffers (proxies, margins), as DDP does for a model:
+        ranks seeded differently would otherwise compute different losses and never agree again."""
+        source = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        for t in [*self.loss.parameters(), *self.loss.buffers()]:
+            shared = t.detach().to(comm_device(t, self.group)).contiguous()
+            dist.broadcast(shared, src=source, group=self.group)
+            t.copy_(shared)
+        self._replicated = True
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """The loss of this rank (see the class docstring); every rank of the group must call it.
@@ -138,19 +151,27 @@ class DistributedLoss(nn.Module):
 
         Raises:
             ValueError, TypeError: on every rank, naming the rank, when a rank's embeddings or labels are
-                malformed, when ranks disagree on the embedding dimension or dtype, or wrap different losses
-                or modes.
+                malformed (labels outside [0, num_classes) for a loss with per-class parameters), or when
+                ranks disagree on the embedding dimension or dtype, or wrap different losses, miners or modes.
         """
 
         def check() -> tuple[tuple[Tensor, Tensor], Any]:
             x = check_embeddings(embeddings, "embeddings")
             y = check_labels(labels, "labels", x.shape[0], "embeddings").to(x.device)
-            return (x, y), (type(self.loss).__name__, self.mode)  # layouts: checked by the gather
+            if self.loss.indexes_classes:
+                assert self.loss.num_classes is not None
+                check_label_range(y, "labels", self.loss.num_classes)
+            miner = None if self.miner is None else type(self.miner).__name__
+            settings: dict[str, Any] = {"loss": type(self.loss).__name__, "miner": miner, "mode": self.mode}
+            settings |= {"dim": x.shape[1], "dtype": str(x.dtype)}
+            return (x, y), tuple(settings.items())
 
         # checked before any exchange, so that a bad rank's error is raised on every rank instead of hanging them
         x, y = check_on_every_rank(check, "DistributedLoss", self.group)
         if world_size(self.group) == 1:
             return self._loss(x, y)
+        if not self._replicated:
+            self._replicate()
         if self.mode == "local" and not self.loss.supports_ref:  # proxies: the shard alone
             return self._local(x, y)
         all_labels, sizes = all_gather_uneven(y, self.group, "labels")

@@ -81,38 +81,41 @@ def all_gather_sizes(n: int, group: Group = None, device: torch.device | str = "
     return [int(s) for s in out]
 
 
+_MAX_DIMS = 8  # tensors exchanged along their first dimension have at most this many dimensions
+
+
 @torch.no_grad()
 def gather_row_counts(x: Tensor, name: str, group: Group = None) -> list[int]:
     """Every rank's number of rows of ``x``, after checking that all ranks agree on the rest of its layout.
 
-    Every rank receives every rank's layout, so a mismatch raises the same error on all of them instead of
-    hanging (or corrupting) the exchange that would follow.
+    Every rank receives every rank's layout (and whether its dtype and number of dimensions can be
+    exchanged at all), so a mismatch raises the same error on all of them instead of hanging, or corrupting,
+    the exchange that would follow.
     """
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"{name}: cannot exchange dtype {x.dtype} across ranks")
-    trailing = list(x.shape[1:4]) + [-1] * (3 - len(x.shape[1:4]))
-    if x.ndim > 4:
-        trailing[-1] = hash(tuple(x.shape[3:])) % (2**62)
-    layout = [x.shape[0] if x.ndim else -1, x.ndim, _DTYPES.index(x.dtype), *trailing]
+    dtype = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else -1
+    shape = list(x.shape) if 1 <= x.ndim <= _MAX_DIMS else [-1]
+    layout = [shape[0], x.ndim, dtype, *shape[1:], *[-1] * (_MAX_DIMS - len(shape))]
     t = torch.tensor(layout, dtype=torch.int64, device=comm_device(x, group))
     out = [torch.empty_like(t) for _ in range(world_size(group))]
     dist.all_gather(out, t, group=group)
     rows = torch.stack(out).cpu()
-    if x.ndim == 0 or bool((rows[:, 1:] != rows[0, 1:]).any()):
+    unusable = (rows[:, 0] < 0) | (rows[:, 2] < 0)
+    if bool(unusable.any()) or bool((rows[:, 1:] != rows[0, 1:]).any()):
         described = "; ".join(f"rank {r}: {_describe(row)}" for r, row in enumerate(rows.tolist()))
         raise ValueError(
-            f"{name}: every rank must pass a tensor with the same trailing shape and dtype (rows may "
-            f"differ); got {described}"
+            f"{name}: every rank must pass a tensor of 1 to {_MAX_DIMS} dimensions, of one of the dtypes "
+            f"{[str(d) for d in _DTYPES]}, with the same trailing shape and dtype (rows may differ); got "
+            f"{described}"
         )
     return [int(n) for n in rows[:, 0]]
 
 
 def _describe(row: list[int]) -> str:
     n, ndim, dtype, *trailing = row
-    if ndim == 0:
-        return f"a 0-d {_DTYPES[dtype]} tensor"
-    dims = [d for d in trailing[: ndim - 1]]
-    return f"({n}, {', '.join(map(str, dims))}{', ...' if ndim > 4 else ''}) {_DTYPES[dtype]}"
+    kind = str(_DTYPES[dtype]) if dtype >= 0 else "an unsupported dtype"
+    if n < 0:
+        return f"a {ndim}-d tensor of {kind}"
+    return f"({', '.join(map(str, [n, *trailing[: ndim - 1]]))}) {kind}"
 
 
 def gather_padded(x: Tensor, sizes: list[int], group: Group = None) -> list[Tensor]:

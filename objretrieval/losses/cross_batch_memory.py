@@ -13,9 +13,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from objretrieval._validation import check_embeddings, check_labels, check_positive_int, to_tensor
+from objretrieval._validation import check_embeddings, check_labels, check_positive_int
 from objretrieval.batch import MinedPairs, MinedTriplets, as_mined
-from objretrieval.distributed.world import Group, all_gather_uneven, rank, shard_offsets, world_size
+from objretrieval.distributed.world import (
+    Group,
+    all_gather_uneven,
+    check_on_every_rank,
+    rank,
+    shard_offsets,
+    world_size,
+)
 from objretrieval.losses.base import MetricLoss
 from objretrieval.miners.base import Mined, Miner
 from objretrieval.precision import compute_dtype
@@ -163,6 +170,22 @@ class CrossBatchMemory(nn.Module):
         Returns:
             The wrapped loss's scalar (float32, or float64 for float64 inputs).
         """
+        embeddings, labels = check_on_every_rank(
+            lambda: self._checked(embeddings, labels, indices_tuple), "CrossBatchMemory", self.group
+        )
+        ring, self_index = self._enqueued(embeddings, labels)
+        if embeddings.shape[0] == 0:  # this rank had no rows this step: nothing to learn, graph kept
+            self._commit(ring)
+            return (embeddings * 0).sum().to(compute_dtype(embeddings))
+        ref, ref_labels = ring.embeddings[: ring.filled], ring.labels[: ring.filled]
+        mined = self._mine(embeddings, labels, ref, ref_labels, self_index, indices_tuple)
+        loss = self.loss(embeddings, labels, mined, ref, ref_labels, ref_self_index=self_index)
+        self._commit(ring)  # only now: a loss or miner that raises leaves the queue as it was
+        return loss
+
+    def _checked(self, embeddings: Any, labels: Any, indices_tuple: Any) -> tuple[tuple[Tensor, Tensor], Any]:
+        """This rank's batch, checked, and what every rank must agree on; under torch.distributed a rank may
+        bring no rows (the others' batches are still enqueued)."""
         if not isinstance(embeddings, Tensor):
             raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
         if indices_tuple is not None and self.miner is None:
@@ -170,42 +193,21 @@ class CrossBatchMemory(nn.Module):
                 "indices_tuple adds mined pairs to those of the wrapper's miner; without a miner every "
                 "(row, memory) pair is used already, so pass miner= to CrossBatchMemory"
             )
-        ring, self_index = self._enqueued(embeddings, labels)
-        if embeddings.shape[0] == 0:  # this rank had no rows this step: nothing to learn, graph kept
-            self._commit(ring)
-            return (embeddings * 0).sum().to(compute_dtype(embeddings))
-        labels = check_labels(labels, "labels", embeddings.shape[0], "embeddings").to(embeddings.device)
-        ref, ref_labels = ring.embeddings[: ring.filled], ring.labels[: ring.filled]
-        mined = self._mine(embeddings, labels, ref, ref_labels, self_index, indices_tuple)
-        loss = self.loss(embeddings, labels, mined, ref, ref_labels, ref_self_index=self_index)
-        self._commit(ring)  # only now: a loss or miner that raises leaves the queue as it was
-        return loss
+        empty_rank = world_size(self.group) > 1 and embeddings.ndim == 2 and embeddings.shape[0] == 0
+        x = embeddings if empty_rank else check_embeddings(embeddings, "embeddings")
+        y = check_labels(labels, "labels", x.shape[0], "embeddings").to(x.device)
+        return (x, y), (("dim", x.shape[1]), ("dtype", str(x.dtype)), ("size", self.size))
 
-    def _global_batch(self, embeddings: Tensor, labels: Any) -> tuple[Tensor, Tensor, list[int]]:
-        """Every rank's validated rows and labels in rank order, and each rank's number of rows.
-
-        Under torch.distributed the inputs are validated after the gather, on the global batch, so a bad
-        batch on one rank raises the same error on every rank instead of leaving the others waiting in the
-        collective.
-        """
+    def _global_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, list[int]]:
+        """Every rank's (checked) rows and labels in rank order, and each rank's number of rows."""
         if world_size(self.group) == 1:
-            x = check_embeddings(embeddings, "embeddings")
-            y = check_labels(labels, "labels", x.shape[0], "embeddings")
-            return x, y.to(x.device), [x.shape[0]]
-        y = to_tensor(labels, "labels")
-        y = y.long() if not (y.is_floating_point() or y.dtype == torch.bool) else y
-        x_all, sizes = all_gather_uneven(embeddings, self.group, "embeddings")
-        y_all, label_sizes = all_gather_uneven(y.to(embeddings.device), self.group, "labels")
-        if label_sizes != sizes:
-            raise ValueError(
-                f"labels: expected one label per row of embeddings, got {label_sizes} labels for {sizes} rows "
-                "(per rank)"
-            )
-        x_all = check_embeddings(x_all, "embeddings")
-        return x_all, check_labels(y_all, "labels", x_all.shape[0], "embeddings"), sizes
+            return x, y, [x.shape[0]]
+        x_all, sizes = all_gather_uneven(x.detach(), self.group, "embeddings")
+        y_all, _ = all_gather_uneven(y, self.group, "labels")
+        return x_all, y_all, sizes
 
     @torch.no_grad()
-    def _enqueued(self, embeddings: Tensor, labels: Any) -> tuple[_Ring, Tensor]:
+    def _enqueued(self, embeddings: Tensor, labels: Tensor) -> tuple[_Ring, Tensor]:
         """The ring with the global batch written in (new tensors: the memory itself is not touched yet),
         and the slot of each of this rank's rows (-1: overwritten by a later row of the same batch)."""
         x_all, y_all, sizes = self._global_batch(embeddings, labels)

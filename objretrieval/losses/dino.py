@@ -133,5 +133,7 @@ class DINOLoss(nn.Module):
         # sum and row count in one all-reduce: a mean of per-rank means would weigh uneven shards wrongly
         stats = torch.cat([rows.sum(dim=0), rows.new_tensor([rows.shape[0]])])
         all_reduce_sum_(stats)
+        if stats[-1] == 0:  # 0 / 0 would turn the centre, and every later step, into NaN
+            raise ValueError("teacher_output: the global batch is empty on every process; nothing to centre")
         mean = (stats[:-1] / stats[-1]).view_as(self.center)
         self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)
