@@ -24,7 +24,8 @@ one-process symmetric search (block (a, c), c >= a, serves both), whose L2 round
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -38,19 +39,17 @@ from objretrieval._validation import (
 )
 from objretrieval.distributed.world import (
     Group,
-    all_gather_sizes,
     all_gather_uneven,
     check_on_every_rank,
     comm_device,
-    gather_padded,
     gather_row_counts,
     rank,
     shard_offsets,
     world_size,
 )
-from objretrieval.search.knn import Neighbors, _check_k, _default_block_size, knn
+from objretrieval.search.knn import Neighbors, check_k, default_block_size, knn
 from objretrieval.search.scoring import (
-    _ORIGIN_SAMPLE,
+    ORIGIN_SAMPLE,
     Metric,
     Prepared,
     l2_origin,
@@ -142,6 +141,24 @@ def sharded_knn(
     return search.query_gallery(q, g, qids, gids, block_size, query_block_size)
 
 
+class QueryRound(NamedTuple):
+    """One query block of a sharded search, as every rank sees it.
+
+    Attributes:
+        start: global position of its first query.
+        owner: the rank that holds the block (and collects its results).
+        queries: the block, prepared as one process prepares it.
+        gallery: this rank's gallery blocks, ``(global column, prepared rows)``.
+        buffer: scratch memory for one (query block x gallery block) score matrix.
+    """
+
+    start: int
+    owner: int
+    queries: Prepared
+    gallery: list[tuple[int, Prepared]]
+    buffer: Tensor
+
+
 class ShardedSearch:
     """The collective steps shared by both modes; one instance per call."""
 
@@ -161,44 +178,61 @@ class ShardedSearch:
         num_q, num_g = sum(q_sizes), sum(g_sizes)
         if num_q == 0:
             raise ValueError("queries are empty on every rank: expected at least one query row")
-        _check_k(self.k, num_g, "the gallery")
+        check_k(self.k, num_g, "the gallery")
         if block_size is None:
-            block_size = _default_block_size(min(num_q, qbs))
+            block_size = default_block_size(min(num_q, qbs))
         q_pos, _ = self._positions(qids, q.shape[0], q_sizes, "query_ids")
         g_pos, g_table = self._positions(gids, g.shape[0], g_sizes, "gallery_ids")
 
+        moves, rounds = self.query_rounds(q, q_pos, g, g_pos, num_q, block_size, qbs)
+        results: list[tuple[Tensor, Tensor]] = []
+        for r in rounds:
+            state = RunningTopK(len(r.queries), self.k, self.device)
+            for col, gal in r.gallery:
+                state.update(0, score_block(r.queries, gal, self.metric, out=r.buffer), col)
+            merged = self._gather_merge(state.scores, state.indices, r.owner)
+            if merged is not None:
+                results.append(merged)
+        return self._return(results, moves, g_table)
+
+    def query_rounds(
+        self, q: Tensor, q_pos: Tensor, g: Tensor, g_pos: Tensor, num_q: int, block_size: int, qbs: int
+    ) -> tuple[Exchange, Iterator[QueryRound]]:
+        """Re-shard queries and gallery into the blocks one process uses, then each query block in turn.
+
+        Gallery block ``b`` (``block_size`` rows in global order) lives on rank ``b % world``, prepared as one
+        process prepares it; each round, the owner of the next query block (``qbs`` rows) broadcasts it.
+        Returns the queries' :class:`Exchange` (to send results back) and the rounds, which every rank must
+        walk through together.
+        """
         q_moves = self.exchange(q_pos // qbs)
         q_rows, q_held = self.reshard(q, q_pos, q_moves)
         g_rows, g_held = self.reshard(g, g_pos, self.exchange(g_pos // block_size))
         like = self.origin(q_rows, q_held, num_q)
         g_f32 = g.dtype == torch.float32
-        gallery_blocks = [
+        gallery = [
             (start, self.prepare(rows, start, g_f32, like, whole=False))
             for start, rows in split_blocks(g_rows, g_held, block_size)
         ]
         del g_rows
         q_blocks = dict(split_blocks(q_rows, q_held, qbs))
-        q_f32 = q.dtype == torch.float32
+        q_f32, dim = q.dtype == torch.float32, q.shape[1]
         buffer = torch.empty(min(qbs, num_q) * block_size, device=self.device)
-        results: list[tuple[Tensor, Tensor]] = []
-        for start in range(0, num_q, qbs):
-            count = min(qbs, num_q - start)
-            owner = start // qbs % self.world
-            block = self.broadcast(q_blocks.get(start), (count, q.shape[1]), owner)
-            state = RunningTopK(count, self.k, self.device)
-            if gallery_blocks:
-                queries = self.prepare(block, start, q_f32, like, whole=True)
-                for col, gal in gallery_blocks:
-                    state.update(0, score_block(queries, gal, self.metric, out=buffer), col)
-            merged = self._gather_merge(state.scores, state.indices, owner)
-            if merged is not None:
-                results.append(merged)
-        return self._return(results, q_moves, g_table)
+
+        def rounds() -> Iterator[QueryRound]:
+            for start in range(0, num_q, qbs):
+                owner = start // qbs % self.world
+                block = self.broadcast(q_blocks.get(start), (min(qbs, num_q - start), dim), owner)
+                yield QueryRound(
+                    start, owner, self.prepare(block, start, q_f32, like, whole=True), gallery, buffer
+                )
+
+        return q_moves, rounds()
 
     def leave_one_out(self, x: Tensor, ids: Tensor | None, name: str, block_size: int | None) -> Neighbors:
         sizes = gather_row_counts(x, "queries", self.group)
         n = sum(sizes)
-        _check_k(self.k, n - 1, "the queries minus the excluded query itself")
+        check_k(self.k, n - 1, "the queries minus the excluded query itself")
         bs = 4096 if block_size is None else block_size
         pos, table = self._positions(ids, x.shape[0], sizes, name)
         moves = self.exchange(pos // bs)
@@ -276,12 +310,10 @@ class ShardedSearch:
         """For L2, what one process measures vectors from: chosen from the first queries in global order."""
         if self.metric != "l2":
             return None
-        mine = rows[: int((held < min(total, _ORIGIN_SAMPLE)).sum())]
-        sizes = all_gather_sizes(mine.shape[0], self.group, device=self.comm)
-        parts = gather_padded(mine.to(self.comm), sizes, self.group)
-        first = torch.cat(parts).to(self.device)
-        positions = torch.cat(gather_padded(held[: mine.shape[0]].to(self.comm), sizes, self.group))
-        sample = first[positions.cpu().argsort().to(self.device)]
+        mine = rows[: int((held < min(total, ORIGIN_SAMPLE)).sum())]
+        first, _ = all_gather_uneven(mine.to(self.comm), self.group, "origin sample")
+        positions, _ = all_gather_uneven(held[: mine.shape[0]].to(self.comm), self.group, "origin positions")
+        sample = first.to(self.device)[positions.cpu().argsort().to(self.device)]
         return Prepared(sample[:0], origin=l2_origin(sample))
 
     def prepare(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from objretrieval.distributed.knn import ShardedSearch, split_blocks
+from objretrieval.distributed.knn import ShardedSearch
 from objretrieval.distributed.world import Group, all_gather_uneven, all_reduce_sum_
 from objretrieval.metrics.ranks import COMPARE_BUDGET, LabelComparison, Relevance, RelevantRanks, left_align
 from objretrieval.search.scoring import Metric, Prepared, mask_excluded, score_block
@@ -63,13 +63,13 @@ def sharded_relevant_ranks(
 ) -> RelevantRanks:
     """The exact rank of every relevant item of this rank's queries over the gallery sharded across ranks.
 
-    The streamed count of :func:`~objretrieval.metrics.ranks_exhaustive`, sharded the way
-    :func:`~objretrieval.distributed.knn.sharded_knn` shards its search: rows are re-sharded into the blocks
-    one process uses (``query_block_size`` queries, ``block_size`` gallery rows, block ``b`` on rank
-    ``b % world``) and prepared as one process prepares them, so every score is bit-identical to one
-    process's. Query blocks take turns (broadcast by their owner); every rank finds the relevant items among
-    its gallery blocks (scores and global positions), these are gathered, every rank counts its items ranked
-    above each of them under the (score descending, position ascending) order, the counts are summed, and the
+    The streamed count of :func:`~objretrieval.metrics.ranks_exhaustive`, on the rounds of
+    :meth:`~objretrieval.distributed.knn.ShardedSearch.query_rounds` that
+    :func:`~objretrieval.distributed.knn.sharded_knn` searches on (one process's blocks, prepared as one
+    process prepares them), so every score is bit-identical to one process's. In each round every rank finds
+    the relevant items among its gallery blocks (scores and global positions), these are gathered, every rank
+    counts its items ranked above each of them under the (score descending, position ascending) order, the
+    counts are summed, and the
     ranks travel back to the queries' ranks. Memory per rank: O(query block x ``width``) besides the shards;
     ``width`` is the largest number of relevant items of a query.
 
@@ -78,35 +78,19 @@ def sharded_relevant_ranks(
     """
     device = device if device is not None else queries.embeddings.device
     search = ShardedSearch(1, metric, device, group)
-    num_q, dim = queries.labels.shape[0], queries.embeddings.shape[1]
-    q_moves = search.exchange(queries.ids // query_block_size)
-    q_rows, q_held = search.reshard(queries.embeddings, queries.ids, q_moves)
-    g_rows, g_held = search.reshard(
-        gallery.embeddings, gallery.ids, search.exchange(gallery.ids // block_size)
+    num_q = queries.labels.shape[0]
+    q_moves, rounds = search.query_rounds(
+        queries.embeddings, queries.ids, gallery.embeddings, gallery.ids, num_q, block_size, query_block_size
     )
-    like = search.origin(q_rows, q_held, num_q)
-    g_f32 = gallery.embeddings.dtype == torch.float32
-    gallery_blocks = [
-        (start, search.prepare(rows, start, g_f32, like, whole=False))
-        for start, rows in split_blocks(g_rows, g_held, block_size)
-    ]
-    del g_rows
-    q_blocks = dict(split_blocks(q_rows, q_held, query_block_size))
-    q_f32 = queries.embeddings.dtype == torch.float32
     q_labels, g_labels = queries.labels.to(device), gallery.labels.to(device)
-    buffer = torch.empty(min(query_block_size, num_q) * block_size, device=device)
     results = []
-    for start in range(0, num_q, query_block_size):
-        count = min(query_block_size, num_q - start)
-        owner = start // query_block_size % search.world
-        block = search.prepare(
-            search.broadcast(q_blocks.get(start), (count, dim), owner), start, q_f32, like, whole=True
-        )
-        relevance = Relevance(q_labels[start : start + count], g_labels, None, label_comparison_fn)
-        exclude = torch.arange(start, start + count, device=device) if leave_one_out else None
-        scores = functools.partial(_block_scores, block, gallery_blocks, exclude, metric, buffer)
+    for r in rounds:
+        count = len(r.queries)
+        relevance = Relevance(q_labels[r.start : r.start + count], g_labels, None, label_comparison_fn)
+        exclude = torch.arange(r.start, r.start + count, device=device) if leave_one_out else None
+        scores = functools.partial(_block_scores, r.queries, r.gallery, exclude, metric, r.buffer)
         block_ranks = _block_ranks(scores, relevance, count, width, device, group)
-        if search.rank == owner:
+        if search.rank == r.owner:
             results.append(block_ranks)
     held = torch.cat(results) if results else torch.empty((0, width), dtype=torch.int64, device=device)
     ranks = q_moves.backward(held.to(search.comm)).to(device)

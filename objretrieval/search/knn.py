@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -19,6 +19,9 @@ from objretrieval.search.faiss_backend import FaissOptions, faiss_search, resolv
 from objretrieval.search.scoring import Metric, iter_scores, prepare, score_block, to_user_scores
 from objretrieval.search.sources import BlockSource, GalleryLike
 from objretrieval.search.topk import RunningTopK
+
+if TYPE_CHECKING:  # imported lazily at run time: objretrieval.distributed builds on this module
+    from objretrieval.distributed.world import Group
 
 Backend = Literal["torch", "faiss"]
 _MAX_GALLERY = 2**32 - 2  # gallery indices share an int64 sort key with the score (see topk.py)
@@ -66,7 +69,7 @@ def knn(
     query_block_size: int = 4096,
     device: torch.device | str | None = None,
     progress: bool = False,
-    group: Any = None,
+    group: Group | None = None,
 ) -> Neighbors:
     """Find the ``k`` nearest gallery items of every query, streaming the gallery in blocks.
 
@@ -128,7 +131,7 @@ def knn(
     k = check_positive_int(k, "k")
     query_block_size = check_positive_int(query_block_size, "query_block_size")
     if block_size is None:
-        block_size = 4096 if gallery is None else _default_block_size(min(q.shape[0], query_block_size))
+        block_size = 4096 if gallery is None else default_block_size(min(q.shape[0], query_block_size))
     block_size = check_positive_int(block_size, "block_size")
     metric = check_choice(metric, "metric", Metric)
     backend = check_choice(backend, "backend", Backend)
@@ -140,7 +143,7 @@ def knn(
             raise ValueError(
                 "exclude cannot be combined with gallery=None, which already excludes each query"
             )
-        _check_k(k, q.shape[0] - 1, "the queries minus the excluded query itself")
+        check_k(k, q.shape[0] - 1, "the queries minus the excluded query itself")
         if options is None:
             return _self_knn(q, k, metric, compute_device, block_size, progress)
         source = BlockSource(q, "queries", block_size)
@@ -216,11 +219,13 @@ def _warn_missing(indices: Tensor, k: int, options: FaissOptions) -> None:
         )
 
 
-def _default_block_size(query_rows: int) -> int:
+def default_block_size(query_rows: int) -> int:
+    """Gallery rows per block: at least 4096, more for few queries so a score block holds about 16M entries."""
     return int(min(32768, max(4096, (1 << 24) // query_rows)))
 
 
-def _check_k(k: int, available: int, what: str) -> None:
+def check_k(k: int, available: int, what: str) -> None:
+    """Refuse a search with nothing to retrieve, or ``k`` above the ``available`` items."""
     if available <= 0:
         raise ValueError(f"cannot search: {what} leaves no items to retrieve")
     if k > available:
@@ -229,9 +234,9 @@ def _check_k(k: int, available: int, what: str) -> None:
 
 def _check_k_gallery(k: int, num_rows: int, exclude: Tensor | None) -> None:
     if exclude is None:
-        _check_k(k, num_rows, "the gallery")
+        check_k(k, num_rows, "the gallery")
     else:
-        _check_k(k, num_rows - 1, "the gallery minus the excluded item")
+        check_k(k, num_rows - 1, "the gallery minus the excluded item")
 
 
 def _check_exclude(exclude: Tensor | None, num_queries: int, num_gallery: int | None) -> Tensor | None:

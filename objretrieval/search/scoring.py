@@ -35,8 +35,8 @@ METRICS: tuple[str, ...] = get_args(Metric)
 NEAR_FRACTION = 2.0**-6
 #: Elements of the (pairs, D) difference buffer of one rescoring step (64 MiB in float32).
 _RESCORE_ELEMENTS = 1 << 24
-#: Rows whose coordinate-wise median may become the origin of L2 vectors.
-_ORIGIN_SAMPLE = 4096
+#: Rows whose coordinate-wise median may become the origin of L2 vectors (the first ones, in query order).
+ORIGIN_SAMPLE = 4096
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def l2_origin(x: Tensor) -> Tensor | None:
     central point, only near duplicates are. A median is a data value in each coordinate, so integer data
     stays exact. Data already around zero (normalised embeddings) keeps zero and pays nothing.
     """
-    sample = x[:_ORIGIN_SAMPLE]
+    sample = x[:ORIGIN_SAMPLE]
     median = sample.median(dim=0).values
     spread = (sample - median).pow(2).sum(1).mean()
     return median if bool(median.pow(2).sum() > spread) else None
