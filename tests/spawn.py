@@ -1,7 +1,7 @@
 """Run a function in real spawned processes joined by a gloo process group (no mocked collectives).
 
 ``run_world(fn, world_size, *args)`` starts ``world_size`` processes with ``torch.multiprocessing`` (spawn),
-joins them in a gloo group over TCP on a free local port, calls ``fn(rank, world_size, *args)`` in each with
+joins them in a gloo (or nccl) group over TCP on a free local port, calls ``fn(rank, world_size, *args)`` in each with
 one intra-op thread, and returns the per-rank results in rank order (anything ``torch.save`` can write). An
 exception in any rank fails the call with that rank's traceback; a hang fails it after ``timeout`` seconds.
 Spawning costs a few seconds, so a test puts many checks into one call.
@@ -32,11 +32,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, out: str, args: tuple[Any, ...]) -> None:
+def _entry(
+    rank: int, fn: Callable[..., Any], world: int, port: int, out: str, backend: str, args: tuple[Any, ...]
+) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    options: dict[str, Any] = {}
+    if backend == "nccl":  # one GPU per rank
+        torch.cuda.set_device(rank)
+        options["device_id"] = torch.device("cuda", rank)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=_TIMEOUT
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=_TIMEOUT,
+        **options,
     )
     try:
         result = fn(rank, world, *args)
@@ -51,12 +62,15 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, out: str, a
         dist.destroy_process_group()
 
 
-def run_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 240.0) -> list[Any]:
-    """``[fn(0, world_size, *args), ..., fn(world_size - 1, ...)]``, each computed in its own process."""
+def run_world(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 240.0, backend: str = "gloo"
+) -> list[Any]:
+    """``[fn(0, world_size, *args), ..., fn(world_size - 1, ...)]``, each computed in its own process
+    (``backend="nccl"``: rank r on GPU r)."""
     with tempfile.TemporaryDirectory() as out:
         ctx = mp.start_processes(
             _entry,
-            args=(fn, world_size, free_port(), out, args),
+            args=(fn, world_size, free_port(), out, backend, args),
             nprocs=world_size,
             join=False,
             start_method="spawn",
