@@ -11,6 +11,7 @@ Top-level names cover the common path; the subpackages hold the rest:
 - :mod:`objretrieval.data`: objects as folders of images (set selection, padding, multi-crop views).
 - :mod:`objretrieval.training`: step helpers for self-supervised training (MILE), schedules, EMA.
 - :mod:`objretrieval.distributed`: losses that see the global batch, cross-rank gathers, the sharded kNN.
+- :mod:`objretrieval.kernels`: Triton kernels beside their torch references (Hamming top-k).
 """
 
 from objretrieval.metrics import RetrievalEvaluator, RetrievalMetrics, RetrievalResult

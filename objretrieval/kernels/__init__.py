@@ -1,0 +1,14 @@
+"""Triton kernels, each beside the torch reference it is tested against.
+
+```python
+import torch
+from objretrieval.kernels import hamming_topk
+
+codes = torch.randint(0, 256, (100, 16), dtype=torch.uint8)  # 128-bit packed codes
+distances, indices = hamming_topk(codes[:3], codes, k=5)     # nearest codes by Hamming distance
+```
+"""
+
+from objretrieval.kernels.hamming import KernelBackend, hamming_distances, hamming_topk
+
+__all__ = ["KernelBackend", "hamming_distances", "hamming_topk"]
