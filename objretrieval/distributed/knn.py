@@ -43,6 +43,7 @@ from objretrieval.distributed.world import (
     check_on_every_rank,
     comm_device,
     gather_row_counts,
+    global_rank,
     rank,
     shard_offsets,
     world_size,
@@ -282,16 +283,8 @@ class ShardedSearch:
             offset = shard_offsets(sizes)[self.rank]
             return torch.arange(offset, offset + n), None
         everything, _ = all_gather_uneven(ids.to(self.comm), self.group, name)
-        table, _ = everything.cpu().sort()
-        repeated = table[1:][table[1:] == table[:-1]]
-        if repeated.numel():
-            dup = int(repeated[0])
-            owners = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-            on = sorted({int(r) for r in owners[everything.cpu() == dup]})
-            raise ValueError(
-                f"{name} must be unique over all ranks: id {dup} is given more than once (on rank(s) "
-                f"{', '.join(map(str, on))}); {repeated.unique().numel()} id(s) repeat"
-            )
+        owners = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        table = _unique_ids(everything.cpu(), name, owners)
         return torch.searchsorted(table, ids.cpu()), table
 
     def exchange(self, blocks: Tensor) -> Exchange:
@@ -335,7 +328,7 @@ class ShardedSearch:
 
     def broadcast(self, block: Tensor | None, shape: tuple[int, int], owner: int) -> Tensor:
         t = block.to(self.comm) if block is not None else torch.empty(shape, device=self.comm)
-        dist.broadcast(t, src=_global_rank(self.group, owner), group=self.group)
+        dist.broadcast(t, src=global_rank(self.group, owner), group=self.group)
         return t.to(self.device)
 
     def _gather_merge(
@@ -343,7 +336,7 @@ class ShardedSearch:
     ) -> tuple[Tensor, Tensor] | None:
         """Gather every rank's (rows, k) candidates at ``owner`` and keep the k best by (score, position)."""
         is_owner = self.rank == owner
-        dst = _global_rank(self.group, owner)
+        dst = global_rank(self.group, owner)
         gathered: list[list[Tensor]] = []
         for t in (scores, indices):
             t = t.to(self.comm).contiguous()
@@ -439,10 +432,6 @@ def _placed(x: Tensor, offset_bytes: int) -> Tensor:
     return out
 
 
-def _global_rank(group: Group, r: int) -> int:
-    return r if group is None else dist.get_global_rank(group, r)
-
-
 # -- validation ----------------------------------------------------------------------------------------------
 
 
@@ -504,6 +493,24 @@ def _check_local(
     return (q, g, gids, qids, settings), tuple(modes.items())
 
 
+def _unique_ids(ids: Tensor, name: str, owners: Tensor | None = None) -> Tensor:
+    """``ids`` sorted, after refusing a repeated one (naming the ranks that give it, with ``owners``)."""
+    table, _ = ids.sort()
+    repeated = table[1:][table[1:] == table[:-1]]
+    if repeated.numel():
+        dup = int(repeated[0])
+        on = (
+            ""
+            if owners is None
+            else f" (on rank(s) {', '.join(map(str, sorted(set(owners[ids == dup].tolist()))))})"
+        )
+        raise ValueError(
+            f"{name} must be unique over all ranks: id {dup} is given more than once{on}; "
+            f"{repeated.unique().numel()} id(s) repeat"
+        )
+    return table
+
+
 def _local_knn(
     queries: Any,
     gallery: Any,
@@ -522,11 +529,11 @@ def _local_knn(
     if g is None:
         gids = gids if gids is not None else qids
         qids = gids
+    for ids, name in ((qids, "query_ids"), (gids, "gallery_ids")):
+        if ids is not None:
+            _unique_ids(ids.cpu(), name)
     q_order = None if qids is None else qids.argsort()
     g_order = None if gids is None else gids.argsort()
-    for ids, order, name in ((qids, q_order, "query_ids"), (gids, g_order, "gallery_ids")):
-        if ids is not None and order is not None and bool((ids[order][1:] == ids[order][:-1]).any()):
-            raise ValueError(f"{name} must be unique, got repeated ids")
     if q_order is not None:
         q = q[q_order.to(q.device)]
     if g is not None and g_order is not None:

@@ -23,6 +23,7 @@ from objretrieval.distributed.world import (
     all_reduce_mean_,
     check_on_every_rank,
     comm_device,
+    global_rank,
     rank,
     shard_offsets,
     world_size,
@@ -132,7 +133,7 @@ class DistributedLoss(nn.Module):
     def _replicate(self) -> None:
         """Give every rank rank 0's loss parameters and buffers (proxies, margins), as DDP does for a model:
         ranks seeded differently would otherwise compute different losses and never agree again."""
-        source = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        source = global_rank(self.group, 0)
         for t in [*self.loss.parameters(), *self.loss.buffers()]:
             shared = t.detach().to(comm_device(t, self.group)).contiguous()
             dist.broadcast(shared, src=source, group=self.group)

@@ -39,6 +39,11 @@ def rank(group: Group = None) -> int:
     return dist.get_rank(group) if is_distributed() else 0
 
 
+def global_rank(group: Group, r: int) -> int:
+    """The default group's rank of ``group``'s rank ``r`` (what ``src``/``dst`` of a collective expect)."""
+    return r if group is None else dist.get_global_rank(group, r)
+
+
 @torch.no_grad()
 def all_reduce_mean_(t: Tensor, group: Group = None) -> Tensor:
     """Replace ``t`` in place by its mean over all processes (unchanged in a single process)."""

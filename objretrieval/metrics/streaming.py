@@ -89,6 +89,16 @@ class _Store:
         self.indices = [fn(t) for t in self.indices]
 
 
+def build_engine(
+    metrics: Sequence[str], *, storage_dtype: torch.dtype | None = None, **options: Any
+) -> tuple[RetrievalEvaluator, torch.dtype | None]:
+    """The evaluator that computes the metrics (``options``: its arguments) and the checked storage dtype:
+    the one construction :class:`RetrievalMetrics` and its torchmetrics adapter share."""
+    if storage_dtype not in _STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype must be one of {list(_STORAGE_DTYPES)}, got {storage_dtype!r}")
+    return RetrievalEvaluator(metrics, **options), storage_dtype
+
+
 def check_update(
     embeddings: Any, labels: Any, indices: Any, role: Any, label_rows: bool
 ) -> tuple[Tensor, Tensor, Tensor | None, Role]:
@@ -246,20 +256,7 @@ class RetrievalMetrics(nn.Module):
             "kmeans_seed": kmeans_seed,
             "storage_dtype": storage_dtype,
         }
-        self.evaluator = RetrievalEvaluator(
-            metrics,
-            metric=metric,
-            no_relevant=no_relevant,
-            average=average,
-            label_comparison_fn=label_comparison_fn,
-            return_per_query=return_per_query,
-            block_size=block_size,
-            device=device,
-            kmeans_seed=kmeans_seed,
-        )
-        if storage_dtype not in _STORAGE_DTYPES:
-            raise ValueError(f"storage_dtype must be one of {list(_STORAGE_DTYPES)}, got {storage_dtype!r}")
-        self.storage_dtype = storage_dtype
+        self.evaluator, self.storage_dtype = build_engine(**self._settings, return_per_query=return_per_query)
         self.group = group
         # An empty buffer that .to() moves: the device the stored rows follow.
         self.register_buffer("_anchor", torch.empty(0), persistent=False)

@@ -24,14 +24,14 @@ except ImportError as err:  # an optional dependency: say which package is missi
         "(RetrievalMetrics itself works without it)"
     ) from err
 
-from objretrieval.metrics.evaluator import Average, RetrievalEvaluator
+from objretrieval.metrics.evaluator import Average
 from objretrieval.metrics.ranks import LabelComparison
 from objretrieval.metrics.retrieval import NoRelevantPolicy
 from objretrieval.metrics.streaming import (
     _ROLES,
-    _STORAGE_DTYPES,
     Role,
     Rows,
+    build_engine,
     check_roles,
     check_update,
     evaluate_rows,
@@ -83,7 +83,7 @@ class TorchmetricsRetrieval(torchmetrics.Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.evaluator = RetrievalEvaluator(
+        self.evaluator, self.storage_dtype = build_engine(
             metrics,
             metric=metric,
             no_relevant=no_relevant,
@@ -92,10 +92,8 @@ class TorchmetricsRetrieval(torchmetrics.Metric):
             block_size=block_size,
             device=device,
             kmeans_seed=kmeans_seed,
+            storage_dtype=storage_dtype,
         )
-        if storage_dtype not in _STORAGE_DTYPES:
-            raise ValueError(f"storage_dtype must be one of {list(_STORAGE_DTYPES)}, got {storage_dtype!r}")
-        self.storage_dtype = storage_dtype
         # Per row: embedding, label, dataset index (-1: none given) and role (its position in _ROLES).
         for name in ("embeddings", "labels", "indices", "roles"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
