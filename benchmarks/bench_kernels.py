@@ -3,8 +3,8 @@
 The script a first GPU run executes. It reports, with the median and spread of the timed repeats:
 
 - ``hamming_topk``: the Triton kernel vs the torch reference on packed codes (128 bits by default), after
-  checking that both return identical neighbours; the speed-up is what ``_MEASURED`` in
-  ``objretrieval/kernels/hamming.py`` records per device;
+  checking that both return identical neighbours; the speed-up is what ``MEASURED`` in
+  ``objretrieval/kernels/dispatch.py`` records per device;
 - ``objretrieval.search.knn`` (inner product, gallery on the device) vs ``torch.mm`` + ``torch.topk`` on the
   same inputs, in bfloat16 and float32, at each k: the baseline a fused kNN kernel must beat.
 
@@ -148,8 +148,8 @@ def bench_hamming(args: argparse.Namespace, device: torch.device, timer: Callabl
         print(f"  speed-up of triton over torch (torch time / triton time): {speedup:.2f}")
         if speedup > 1.0 and identical:
             print(
-                f'  hint: put the ratio and today\'s date into objretrieval/kernels/hamming.py _MEASURED["{name}"]'
-                f': "{name}": {speedup:.2f},  # {datetime.date.today().isoformat()}'
+                f"  hint: add to MEASURED['hamming_topk'] in objretrieval/kernels/dispatch.py: Measurement("
+                f"{name!r}, {speedup:.2f}, {datetime.date.today().isoformat()!r})"
             )
     result["hamming_spread"] = nanmax(spreads)
     return result

@@ -9,6 +9,7 @@ distances, indices = hamming_topk(codes[:3], codes, k=5)     # nearest codes by 
 ```
 """
 
-from objretrieval.kernels.hamming import KernelBackend, hamming_distances, hamming_topk
+from objretrieval.kernels.dispatch import MEASURED, KernelBackend, Measurement, resolve_backend
+from objretrieval.kernels.hamming import hamming_distances, hamming_topk
 
-__all__ = ["KernelBackend", "hamming_distances", "hamming_topk"]
+__all__ = ["MEASURED", "KernelBackend", "Measurement", "hamming_distances", "hamming_topk", "resolve_backend"]

@@ -19,13 +19,13 @@ on CPU tensors under the Triton interpreter (slow; that is how the tests prove i
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from objretrieval._validation import check_choice, check_positive_int, to_tensor
+from objretrieval._validation import check_positive_int, to_tensor
+from objretrieval.kernels.dispatch import KernelBackend, jit, resolve_backend
 from objretrieval.search.knn import Neighbors
 from objretrieval.search.topk import RunningTopK
 
@@ -33,8 +33,6 @@ try:  # Triton ships with torch's Linux wheels; without it only the torch refere
     import triton.language as tl  # type: ignore[import-untyped]
 except ImportError:  # pragma: no cover
     tl = None
-
-KernelBackend = Literal["torch", "triton", "auto"]
 
 #: Database rows per streamed block.
 DEFAULT_BLOCK_SIZE = 4096
@@ -44,11 +42,6 @@ TILE_Q, TILE_N = 32, 32
 WORD_DTYPES = (torch.uint8, torch.int32, torch.int64)
 #: Longest code whose distances float32 scores hold exactly.
 MAX_BITS = 2**24
-
-#: Speed-up of the Triton kernel over the torch reference, per ``torch.cuda.get_device_name()``, with the date
-#: of the measurement beside it. Filled from ``benchmarks/bench_kernels.py --device cuda``; empty until a GPU run
-#: exists, so ``backend="auto"`` is the torch reference everywhere for now.
-_MEASURED: dict[str, float] = {}
 
 
 def _popcount32(words: Tensor) -> Tensor:
@@ -90,18 +83,7 @@ def _hamming_tile(
     tl.store(out, distances, mask=row_ok[:, None] & col_ok[None, :])
 
 
-@functools.cache
-def _triton_kernel() -> Any:
-    """The jitted kernel, made on first use: Triton reads ``TRITON_INTERPRET`` when a kernel is made."""
-    import triton
-
-    return triton.jit(_hamming_tile)
-
-
-def _triton_interpreting() -> bool:
-    import triton
-
-    return bool(triton.knobs.runtime.interpret)
+_triton_kernel = jit(_hamming_tile)
 
 
 def _triton_distances(queries: Tensor, database: Tensor) -> Tensor:
@@ -119,25 +101,6 @@ def _triton_distances(queries: Tensor, database: Tensor) -> Tensor:
         TILE_N=TILE_N,
     )
     return out
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs: ``auto`` takes Triton only on a CUDA device where it was measured faster."""
-    backend = check_choice(backend, "backend", KernelBackend)
-    if backend == "auto":
-        faster = device.type == "cuda" and _MEASURED.get(torch.cuda.get_device_name(device), 0.0) > 1.0
-        return "triton" if faster else "torch"
-    if backend == "triton":
-        try:
-            interpreting = _triton_interpreting()
-        except ImportError as err:
-            raise ImportError("backend='triton' needs the triton package (pip install triton)") from err
-        if device.type != "cuda" and not interpreting:
-            raise RuntimeError(
-                f"backend='triton' needs CUDA tensors, got {device.type} tensors; to run the kernel on CPU "
-                "tensors under the Triton interpreter, set TRITON_INTERPRET=1 before its first use"
-            )
-    return backend
 
 
 def _as_words(t: Tensor, name: str) -> Tensor:
@@ -187,7 +150,11 @@ def hamming_distances(queries: Any, database: Any, *, backend: KernelBackend = "
         (Q, N) int32, the number of differing bits of each (query, database) pair.
     """
     q, db = _check_codes(queries, database)
-    run = _triton_distances if _resolve_backend(backend, q.device) == "triton" else _torch_distances
+    run = (
+        _triton_distances
+        if resolve_backend("hamming_topk", backend, q.device) == "triton"
+        else _torch_distances
+    )
     return run(q, db)
 
 
@@ -220,7 +187,11 @@ def hamming_topk(
     if k > db.shape[0]:
         raise ValueError(f"k must be at most the number of database codes ({db.shape[0]}), got {k}")
     block_size = check_positive_int(block_size, "block_size")
-    run = _triton_distances if _resolve_backend(backend, q.device) == "triton" else _torch_distances
+    run = (
+        _triton_distances
+        if resolve_backend("hamming_topk", backend, q.device) == "triton"
+        else _torch_distances
+    )
     best = RunningTopK(q.shape[0], k, q.device)
     for start in range(0, db.shape[0], block_size):
         # Negated distances: "higher is better" and RunningTopK's tie rule (lower index first) carry over.
