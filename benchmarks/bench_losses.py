@@ -97,6 +97,7 @@ def pml_pairs(num_classes: int, device: torch.device) -> dict[str, tuple[Callabl
             True,
         ),
         "proxy-anchor": (ours_pa, pml_pa, True),
+        "supcon": (losses.SupConLoss(), pml_losses.SupConLoss(), True),
         "margin+distance-weighted": (
             lambda x, y: ours_margin(x, y, ours_dws(x, y)),
             lambda x, y: pml_margin(x, y, pml_dws(x, y)),

@@ -76,6 +76,10 @@ LOSSES: dict[str, tuple[Factory, Factory | None]] = {
         lambda: (ours.SmoothAPLoss(), None),
         lambda: (pml_losses.SmoothAPLoss(), None),
     ),
+    "SupConLoss": (
+        lambda: (ours.SupConLoss(), None),
+        lambda: (pml_losses.SupConLoss(), None),
+    ),
     "ROADMAPLoss": (lambda: (ours.ROADMAPLoss(), None), None),
     "ContextualLoss": (lambda: (ours.ContextualLoss(), None), None),
 }

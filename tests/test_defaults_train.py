@@ -29,6 +29,7 @@ from objretrieval.losses import (
     ProxyNCALoss,
     ROADMAPLoss,
     SmoothAPLoss,
+    SupConLoss,
     TripletMarginLoss,
 )
 from objretrieval.miners import MultiSimilarityMiner
@@ -46,6 +47,7 @@ LOSSES: dict[str, Callable[[], tuple[nn.Module, Any]]] = {
     "smooth_ap": lambda: (SmoothAPLoss(), None),
     "roadmap": lambda: (ROADMAPLoss(), None),
     "contextual": lambda: (ContextualLoss(), None),
+    "supcon": lambda: (SupConLoss(), None),
 }
 
 

@@ -31,6 +31,7 @@ from objretrieval.losses import (
     ProxyNCALoss,
     ROADMAPLoss,
     SmoothAPLoss,
+    SupConLoss,
     TripletMarginLoss,
 )
 from objretrieval.miners import DistanceWeightedMiner, Miner, MultiSimilarityMiner, TripletMarginMiner
@@ -56,6 +57,7 @@ CASES: dict[str, tuple[str, Callable[[], MetricLoss], Callable[[], Miner] | None
     "smooth_ap": ("global", SmoothAPLoss, None),
     "roadmap": ("global", ROADMAPLoss, None),
     "contextual": ("global", ContextualLoss, None),
+    "supcon": ("global", SupConLoss, None),
     "ms_miner": ("global", MultiSimilarityLoss, MultiSimilarityMiner),
     "triplet_miner": ("global", TripletMarginLoss, TripletMarginMiner),
     "dw_miner": ("global", lambda: MarginLoss(num_classes=CLASSES), _seeded_dw_miner),
@@ -64,6 +66,7 @@ CASES: dict[str, tuple[str, Callable[[], MetricLoss], Callable[[], Miner] | None
     "local_multi_similarity": ("local", MultiSimilarityLoss, None),
     "local_margin_learnt": ("local", lambda: MarginLoss(num_classes=CLASSES), None),
     "local_proxy_anchor": ("local", lambda: ProxyAnchorLoss(CLASSES, DIM), None),
+    "local_supcon": ("local", SupConLoss, None),
     "local_triplet_miner": ("local", TripletMarginLoss, TripletMarginMiner),
     # the last rank's anchors have no positive: its loss is the zero of an empty batch, yet its backward must
     # join the others' all-reduces (else DDP's and the gather's collectives would pair up wrongly or hang)

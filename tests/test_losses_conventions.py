@@ -20,6 +20,7 @@ from objretrieval.losses import (
     ProxyNCALoss,
     ROADMAPLoss,
     SmoothAPLoss,
+    SupConLoss,
     TripletMarginLoss,
     contextual_similarity,
     ranking_average_precision,
@@ -51,6 +52,7 @@ def metric_losses() -> list[MetricLoss]:
         SmoothAPLoss(),
         ROADMAPLoss(),
         MarginLoss(4),
+        SupConLoss(),
     ]
 
 
@@ -197,6 +199,7 @@ def _coarse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         lambda **kw: ContextualLoss(**kw),
         lambda **kw: SmoothAPLoss(**kw),
         lambda **kw: ROADMAPLoss(**kw),
+        lambda **kw: SupConLoss(**kw),
     ],
 )
 def test_a_label_comparison_replaces_label_equality(make) -> None:
@@ -256,6 +259,7 @@ def test_a_bad_label_comparison_is_refused() -> None:
         (lambda: MarginLoss(4, beta=0.0), r"beta must lie in \(0, inf\)"),
         (lambda: MarginLoss(4, nu=-1.0), r"nu must lie in \[0, inf\)"),
         (lambda: MarginLoss(0), "num_classes must be >= 1"),
+        (lambda: SupConLoss(temperature=0.0), r"temperature must lie in \(0, inf\)"),
         (lambda: MultiSimilarityMiner(epsilon=-0.1), r"epsilon must lie in \[0, inf\)"),
         (lambda: DistanceWeightedMiner(cutoff=2.0), r"cutoff must lie in \[0, 2\)"),
         (lambda: DistanceWeightedMiner(triplets_per_anchor=0), "triplets_per_anchor must be >= 1"),

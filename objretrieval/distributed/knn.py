@@ -7,18 +7,16 @@ against all gallery rows (ordered by gallery id), without ever gathering the gal
 1. Rows are *re-sharded* by global position: the rows ordered by id are cut into the blocks that the
    one-process search uses (``block_size`` gallery rows, ``query_block_size`` query rows), and block ``b``
    goes to rank ``b % world`` (one ``all_to_all``; each rank then holds about 1/world of each set).
-2. Query blocks take turns: the owner broadcasts block ``t``, every rank scores it against its own gallery
-   blocks and keeps the local top-k (:class:`~objretrieval.search.topk.RunningTopK`), and the block's owner
-   gathers the ``world`` candidate lists and merges them by (score, global position).
+2. Query blocks take turns: the owner broadcasts block ``t``, every rank screens it against its own gallery
+   blocks and keeps the local exact top-k (:class:`~objretrieval.search.exact.ExactTopK`), and the block's
+   owner gathers the ``world`` candidate lists and merges them by (exact score, global id).
 3. The results travel back to the ranks and rows the queries came from.
 
-Why the result is bit-identical: a BLAS product's rounding depends on the shapes of its operands and on
-their addresses (MKL picks kernels by both), so every score block here has the shape, the rows and the
-address alignment (modulo 64 bytes) that the one-process search gives it. Local top-k selections use local
-columns in global order, so their ties at the cut go to the lower global id as in one process; the merge
-sorts by (score, id). For L2 the vectors are measured from the origin one process picks (the median of the
-first queries in global order, gathered); leave-one-out scores each pair in the orientation of the
-one-process symmetric search (block (a, c), c >= a, serves both), whose L2 rounding is not symmetric.
+Why the result is bit-identical: the ranking uses exact scores (:mod:`objretrieval.search.exact`), one fixed
+summation per pair, so a score does not depend on which rank, block or product computed it; the local top-k
+lists are exact, and the global top-k is the best k of their union, ties to the lower global id. (The
+blocks also keep the shapes and address alignment of one process's, which made the float32 products
+themselves equal before the ranking became exact.)
 """
 
 from __future__ import annotations
@@ -48,6 +46,7 @@ from objretrieval.distributed.world import (
     shard_offsets,
     world_size,
 )
+from objretrieval.search.exact import PRECISIONS, ExactTopK, Precision, Screen, ScreenRows, SearchStats
 from objretrieval.search.knn import Neighbors, check_k, default_block_size, knn
 from objretrieval.search.scoring import (
     ORIGIN_SAMPLE,
@@ -55,10 +54,9 @@ from objretrieval.search.scoring import (
     Prepared,
     l2_origin,
     prepare,
-    score_block,
     to_user_scores,
 )
-from objretrieval.search.topk import RunningTopK, sort_by_score_then_index
+from objretrieval.search.topk import sort_by_score_then_index
 
 #: Operands are placed at the address (modulo this many bytes) they would have in one process.
 _ALIGN = 64
@@ -75,6 +73,8 @@ def sharded_knn(
     block_size: int | None = None,
     query_block_size: int = 1024,
     device: torch.device | str | None = None,
+    precision: Precision = "float32",
+    stats: SearchStats | None = None,
     group: Group = None,
 ) -> Neighbors:
     """Exact kNN of this rank's queries in a gallery sharded over the ranks of ``group``.
@@ -113,6 +113,9 @@ def sharded_knn(
         query_block_size: query rows scored at once, and exchanged per round (ignored for leave-one-out,
             which uses ``block_size`` blocks as one process does).
         device: where to compute; default the queries' device. Results are returned there.
+        precision: the screening products, ``"float32"`` or ``"bf16-exact"`` (same results, see
+            :func:`~objretrieval.search.knn`).
+        stats: optional :class:`~objretrieval.search.exact.SearchStats`, filled in with this rank's counts.
         group: the ``torch.distributed`` process group; ``None`` means the default group.
 
     Returns:
@@ -125,7 +128,17 @@ def sharded_knn(
     """
     if world_size(group) == 1:
         return _local_knn(
-            queries, gallery, k, metric, gallery_ids, query_ids, block_size, query_block_size, device
+            queries,
+            gallery,
+            k,
+            metric,
+            gallery_ids,
+            query_ids,
+            block_size,
+            query_block_size,
+            device,
+            precision,
+            stats,
         )
     q, g, gids, qids, (k, metric, block_size, query_block_size) = check_on_every_rank(
         lambda: _check_local(
@@ -135,7 +148,10 @@ def sharded_knn(
         group,
     )
     compute_device = torch.device(device) if device is not None else q.device
-    search = ShardedSearch(k, metric, compute_device, group)
+    precision = check_choice(precision, "precision", PRECISIONS)
+    search = ShardedSearch(k, metric, compute_device, group, Screen(metric, precision), stats)
+    if stats is not None:
+        stats.precision, stats.queries = precision, stats.queries + q.shape[0]
     if g is None:  # leave-one-out: the rows' ids, under whichever name the caller gave them
         name, ids = ("query_ids", qids) if gids is None else ("gallery_ids", gids)
         return search.leave_one_out(q, ids, name, block_size)
@@ -163,8 +179,17 @@ class QueryRound(NamedTuple):
 class ShardedSearch:
     """The collective steps shared by both modes; one instance per call."""
 
-    def __init__(self, k: int, metric: Metric, device: torch.device, group: Group) -> None:
+    def __init__(
+        self,
+        k: int,
+        metric: Metric,
+        device: torch.device,
+        group: Group,
+        screen: Screen | None = None,
+        stats: SearchStats | None = None,
+    ) -> None:
         self.k, self.metric, self.device, self.group = k, metric, device, group
+        self.screen, self.stats = screen or Screen(metric), stats
         self.world, self.rank = world_size(group), rank(group)
         probe = torch.empty(0, device=device)
         self.comm = comm_device(probe, group)
@@ -187,10 +212,14 @@ class ShardedSearch:
 
         moves, rounds = self.query_rounds(q, q_pos, g, g_pos, num_q, block_size, qbs)
         results: list[tuple[Tensor, Tensor]] = []
+        screened: dict[int, ScreenRows] = {}  # this rank's gallery blocks, ready for screening once
         for r in rounds:
-            state = RunningTopK(len(r.queries), self.k, self.device)
+            qs = self.screen.rows(r.queries)
+            state = ExactTopK(len(r.queries), self.k, self.device, self.stats)
             for col, gal in r.gallery:
-                state.update(0, score_block(r.queries, gal, self.metric, out=r.buffer), col)
+                gs = screened.setdefault(col, self.screen.rows(gal))
+                s = self.screen.scores(qs, gs, out=r.buffer)
+                state.update(0, s, col, qs.points, gs.points, self.metric, self.screen.bounds(qs, gs))
             merged = self._gather_merge(state.scores, state.indices, r.owner)
             if merged is not None:
                 results.append(merged)
@@ -241,31 +270,33 @@ class ShardedSearch:
         like = self.origin(rows, held, n)
         f32 = x.dtype == torch.float32
         raw = dict(split_blocks(rows, held, bs))
-        own = {  # this rank's blocks: prepared rows and the running top-k of those rows
+        screen, metric = self.screen, self.metric
+        own = {  # this rank's blocks: rows ready for screening and the running top-k of those rows
             start: (
-                self.prepare(block, start, f32, like, whole=True),
-                RunningTopK(len(block), self.k, self.device),
+                screen.rows(self.prepare(block, start, f32, like, whole=True)),
+                ExactTopK(len(block), self.k, self.device, self.stats),
             )
             for start, block in raw.items()
         }
-        buffer = torch.empty(min(bs, n) ** 2, device=self.device)
+        buffer = screen.buffer(min(bs, n), min(bs, n), self.device)
         for a in range(0, n, bs):
             count, owner = min(bs, n - a), a // bs % self.world
             block = self.broadcast(raw.get(a), (count, x.shape[1]), owner)
             # blocks (a, c) with c > a: scored once, here, for the queries of both a and c
             later = [c for c in own if c > a]
-            from_later = RunningTopK(count, self.k, self.device)
+            from_later = ExactTopK(count, self.k, self.device, self.stats)
             if later:
-                rows_a = own[a][0] if a in own else self.prepare(block, a, f32, like, whole=True)
+                ra = own[a][0] if a in own else screen.rows(self.prepare(block, a, f32, like, whole=True))
                 for c in later:
-                    s = score_block(rows_a, own[c][0], self.metric, out=buffer)
-                    from_later.update(0, s, c)
-                    own[c][1].update(0, s.T, a)
+                    rc = own[c][0]
+                    s = screen.scores(ra, rc, out=buffer)
+                    from_later.update(0, s, c, ra.points, rc.points, metric, screen.bounds(ra, rc))
+                    own[c][1].update(0, s.T, a, rc.points, ra.points, metric, screen.bounds(rc, ra))
             if a in own:
-                prepared, state = own[a]
-                s = score_block(prepared, prepared, self.metric, out=buffer)
+                ra, state = own[a]
+                s = screen.scores(ra, ra, out=buffer)
                 s.fill_diagonal_(float("-inf"))
-                state.update(0, s, a)
+                state.update(0, s, a, ra.points, ra.points, metric, screen.bounds(ra, ra))
             mine = own[a][1] if a in own else None
             merged = self._gather_merge(from_later.scores, from_later.indices, owner, mine)
             if mine is not None and merged is not None:
@@ -332,7 +363,7 @@ class ShardedSearch:
         return t.to(self.device)
 
     def _gather_merge(
-        self, scores: Tensor, indices: Tensor, owner: int, state: RunningTopK | None = None
+        self, scores: Tensor, indices: Tensor, owner: int, state: ExactTopK | None = None
     ) -> tuple[Tensor, Tensor] | None:
         """Gather every rank's (rows, k) candidates at ``owner`` and keep the k best by (score, position)."""
         is_owner = self.rank == owner
@@ -521,6 +552,8 @@ def _local_knn(
     block_size: int | None,
     query_block_size: int,
     device: torch.device | str | None,
+    precision: Precision = "float32",
+    stats: SearchStats | None = None,
 ) -> Neighbors:
     """A world of one: :func:`knn` on the rows ordered by id, answered in the caller's order and ids."""
     (q, g, gids, qids, _), _ = _check_local(
@@ -539,7 +572,15 @@ def _local_knn(
     if g is not None and g_order is not None:
         g = g[g_order.to(g.device)]
     found = knn(
-        q, g, k=k, metric=metric, block_size=block_size, query_block_size=query_block_size, device=device
+        q,
+        g,
+        k=k,
+        metric=metric,
+        block_size=block_size,
+        query_block_size=query_block_size,
+        device=device,
+        precision=precision,
+        stats=stats,
     )
     scores, indices = found
     if gids is not None and g_order is not None:

@@ -56,7 +56,7 @@ MEASURED: dict[str, tuple[Measurement, ...]] = {
 
 def triton_interpreting() -> bool:
     """Whether Triton runs kernels under its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    import triton
+    import triton  # type: ignore[import-untyped]
 
     return bool(triton.knobs.runtime.interpret)
 

@@ -30,6 +30,7 @@ from objretrieval.losses.multi_similarity import MultiSimilarityLoss
 from objretrieval.losses.pairwise import PairBCELoss, PairDistillationLoss
 from objretrieval.losses.proxy import ProxyAnchorLoss, ProxyNCALoss
 from objretrieval.losses.ranking_ap import ROADMAPLoss, SmoothAPLoss, ranking_average_precision
+from objretrieval.losses.supcon import SupConLoss, supervised_contrastive
 from objretrieval.losses.triplet import TripletMarginLoss
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "ROADMAPLoss",
     "Reduction",
     "SmoothAPLoss",
+    "SupConLoss",
     "TripletMarginLoss",
     "contextual_similarity",
     "contextual_term",
@@ -63,5 +65,6 @@ __all__ = [
     "proxy_anchor_distance_loss",
     "ranking_average_precision",
     "similarity_regularizer",
+    "supervised_contrastive",
     "teacher_temperature_schedule",
 ]

@@ -9,6 +9,8 @@ from torch import Tensor
 
 from objretrieval._validation import check_choice, check_number
 from objretrieval.batch import LabelComparison, PairCounts
+from objretrieval.kernels.dispatch import KernelBackend
+from objretrieval.kernels.pairwise_losses import check_tiled_call, tiled_contrastive_loss, tiled_options
 from objretrieval.losses.base import MetricLoss, PairBatch, Reduction, reduction_divisor
 
 
@@ -128,12 +130,21 @@ class ContrastiveLoss(MetricLoss):
     Mined triplets are used as their pairs (a-p positive, a-n negative); a pair mined several times counts
     that many times, as in PML.
 
+    ``tiled=True``, or a ``backend`` other than ``"torch"``, computes the loss tile by tile in O(N x
+    tile_size) memory instead of the (N, N) similarities
+    (:func:`~objretrieval.kernels.pairwise_losses.tiled_contrastive_loss`; ``"triton"``/``"auto"`` pick its
+    kernel as :func:`~objretrieval.kernels.dispatch.resolve_backend` does). That path takes the plain batch
+    only: no ``indices_tuple``, ``ref_emb`` or ``label_comparison``.
+
     Args:
         pos_margin: similarity positive pairs should exceed, in [-1, 1].
         neg_margin: similarity negative pairs should stay below, in [-1, 1].
         reduction: per half, ``"mean_nonzero"`` (over the violating pairs), ``"mean"`` (over all its pairs,
             PML's ``MeanReducer``) or ``"sum"``.
         label_comparison: optional ``(labels, ref_labels) -> (N, M) bool`` "same class" matrix.
+        backend: ``"torch"`` (the dense path unless ``tiled``), ``"triton"`` or ``"auto"`` (the tiled path).
+        tiled: the tiled path with ``backend`` (``"torch"``: its torch tiles, any device).
+        tile_size: rows per tile of the tiled path (None: its default).
     """
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {"liao2023": {"pos_margin": 0.9, "neg_margin": 0.6}}
@@ -145,11 +156,42 @@ class ContrastiveLoss(MetricLoss):
         *,
         reduction: Reduction = "mean_nonzero",
         label_comparison: LabelComparison | None = None,
+        backend: KernelBackend = "torch",
+        tiled: bool = False,
+        tile_size: int | None = None,
     ) -> None:
         super().__init__(label_comparison=label_comparison)
         self.pos_margin = check_number(pos_margin, "pos_margin", low=-1.0, high=1.0)
         self.neg_margin = check_number(neg_margin, "neg_margin", low=-1.0, high=1.0)
         self.reduction: Reduction = check_choice(reduction, "reduction", Reduction)
+        self.backend, self.tiled, self.tile_size = tiled_options(backend, tiled, tile_size, label_comparison)
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        indices_tuple: Any = None,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+        *,
+        ref_self_index: Tensor | None = None,
+    ) -> Tensor:
+        if not self.tiled:
+            return super().forward(
+                embeddings, labels, indices_tuple, ref_emb, ref_labels, ref_self_index=ref_self_index
+            )
+        # the tiled path never builds the (N, N) masks that the base class's forward checks
+        unsupported = {"indices_tuple": indices_tuple, "ref_emb": ref_emb, "ref_labels": ref_labels}
+        check_tiled_call(self, labels, **unsupported, ref_self_index=ref_self_index)
+        return tiled_contrastive_loss(
+            embeddings,
+            labels,
+            pos_margin=self.pos_margin,
+            neg_margin=self.neg_margin,
+            reduction=self.reduction,
+            tile_size=self.tile_size,
+            backend=self.backend,
+        )
 
     def compute_loss(self, batch: PairBatch) -> Tensor | None:
         return margin_contrastive(

@@ -8,7 +8,10 @@ from torch import Tensor
 
 from objretrieval._validation import check_choice, check_number
 from objretrieval.batch import LabelComparison
+from objretrieval.kernels.dispatch import KernelBackend
+from objretrieval.kernels.pairwise_losses import check_tiled_call, tiled_multi_similarity_loss, tiled_options
 from objretrieval.losses.base import MetricLoss, PairBatch, Reduction, masked_log1p_sum_exp, reduction_divisor
+from objretrieval.miners.multi_similarity import MultiSimilarityMiner
 
 
 class MultiSimilarityLoss(MetricLoss):
@@ -26,6 +29,15 @@ class MultiSimilarityLoss(MetricLoss):
         reduction: over anchors, ``"mean"`` (PML's default ``MeanReducer``), ``"mean_nonzero"`` (over the
             anchors with a positive loss) or ``"sum"``.
         label_comparison: optional ``(labels, ref_labels) -> (N, M) bool`` "same class" matrix.
+        mining_epsilon: mine inside the loss, as ``MultiSimilarityMiner(epsilon=mining_epsilon)`` would
+            (among the pairs given, if ``indices_tuple`` restricts them); None: no mining (the default).
+        backend: ``"torch"`` (the dense path unless ``tiled``), ``"triton"`` or ``"auto"``: the tiled path,
+            O(N x tile_size) memory instead of the (N, N) similarities
+            (:func:`~objretrieval.kernels.pairwise_losses.tiled_multi_similarity_loss`), which takes the plain
+            batch only: no ``indices_tuple`` (mine with ``mining_epsilon``), ``ref_emb`` or
+            ``label_comparison``.
+        tiled: the tiled path with ``backend`` (``"torch"``: its torch tiles, any device).
+        tile_size: rows per tile of the tiled path (None: its default).
 
     The defaults are PML's. Preset (:meth:`~objretrieval.losses.MetricLoss.from_preset`): ``"liao2023"``, the
     "MS+miner" baseline of Liao et al. (ICML 2023, 224 code ``MultiSimilarityLossWithMiner``): the same
@@ -42,15 +54,53 @@ class MultiSimilarityLoss(MetricLoss):
         *,
         reduction: Reduction = "mean",
         label_comparison: LabelComparison | None = None,
+        mining_epsilon: float | None = None,
+        backend: KernelBackend = "torch",
+        tiled: bool = False,
+        tile_size: int | None = None,
     ) -> None:
         super().__init__(label_comparison=label_comparison)
         self.alpha = check_number(alpha, "alpha", low=0.0, low_open=True)
         self.beta = check_number(beta, "beta", low=0.0, low_open=True)
         self.base = check_number(base, "base", low=-1.0, high=1.0)
         self.reduction: Reduction = check_choice(reduction, "reduction", Reduction)
+        epsilon = None if mining_epsilon is None else check_number(mining_epsilon, "mining_epsilon", low=0.0)
+        self.miner = None if epsilon is None else MultiSimilarityMiner(epsilon)
+        self.backend, self.tiled, self.tile_size = tiled_options(backend, tiled, tile_size, label_comparison)
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        indices_tuple: Any = None,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+        *,
+        ref_self_index: Tensor | None = None,
+    ) -> Tensor:
+        if not self.tiled:
+            return super().forward(
+                embeddings, labels, indices_tuple, ref_emb, ref_labels, ref_self_index=ref_self_index
+            )
+        # the tiled path never builds the (N, N) masks that the base class's forward checks
+        unsupported = {"indices_tuple": indices_tuple, "ref_emb": ref_emb, "ref_labels": ref_labels}
+        check_tiled_call(self, labels, **unsupported, ref_self_index=ref_self_index)
+        return tiled_multi_similarity_loss(
+            embeddings,
+            labels,
+            alpha=self.alpha,
+            beta=self.beta,
+            base=self.base,
+            mining_epsilon=None if self.miner is None else self.miner.epsilon,
+            reduction=self.reduction,
+            tile_size=self.tile_size,
+            backend=self.backend,
+        )
 
     def compute_loss(self, batch: PairBatch) -> Tensor | None:
         pos, neg = batch.positive_mask, batch.negative_mask
+        if self.miner is not None:
+            pos, neg = self.miner.mine(batch)
         if not bool(pos.any()) and not bool(neg.any()):
             return None
         s = batch.similarity

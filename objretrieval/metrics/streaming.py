@@ -14,6 +14,7 @@ concatenated, deduplicated data ordered by index.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -38,6 +39,7 @@ from objretrieval.metrics.registry import NeighborLists
 from objretrieval.metrics.retrieval import NoRelevantPolicy
 from objretrieval.metrics.sharded_ranks import GlobalShard, sharded_relevant_ranks
 from objretrieval.search import Metric
+from objretrieval.search.exact import Precision, SearchStats
 
 #: What the rows of one :meth:`RetrievalMetrics.update` are: ``"both"`` queries and gallery at once
 #: (leave-one-out, each item's own row excluded), or the query or gallery side of a query/gallery evaluation.
@@ -215,6 +217,8 @@ class RetrievalMetrics(nn.Module):
         kmeans_seed: seed of the clustering metrics' k-means.
         storage_dtype: keep the stored embeddings in this dtype (e.g. ``torch.float16``); the values are then
             those of the evaluator on the rounded embeddings.
+        precision: screening products of the kNN search, ``"float32"`` or ``"bf16-exact"`` (identical values;
+            see :class:`~objretrieval.metrics.RetrievalEvaluator`).
         group: the process group to evaluate over; None for the default group.
 
     Example:
@@ -242,6 +246,7 @@ class RetrievalMetrics(nn.Module):
         device: torch.device | str | None = None,
         kmeans_seed: int = 1234,
         storage_dtype: torch.dtype | None = None,
+        precision: Precision = "float32",
         group: Group = None,
     ) -> None:
         super().__init__()
@@ -255,6 +260,7 @@ class RetrievalMetrics(nn.Module):
             "device": device,
             "kmeans_seed": kmeans_seed,
             "storage_dtype": storage_dtype,
+            "precision": precision,
         }
         self.evaluator, self.storage_dtype = build_engine(**self._settings, return_per_query=return_per_query)
         self.group = group
@@ -424,6 +430,7 @@ class RetrievalMetrics(nn.Module):
                 group=group,
             )
         found = None
+        stats = SearchStats()
         if depth:
             neighbors = sharded_knn(
                 queries.embeddings,
@@ -435,6 +442,8 @@ class RetrievalMetrics(nn.Module):
                 block_size=ev.block_size,
                 query_block_size=_KNN_QUERY_BLOCK,
                 device=ev.device,
+                precision=ev.precision,
+                stats=stats,
                 group=group,
             )
             scores, ids = neighbors.scores.cpu(), neighbors.indices.cpu()
@@ -458,7 +467,8 @@ class RetrievalMetrics(nn.Module):
                 g = gallery.to_global(gallery.embeddings, group)
                 clustering = (torch.cat([q.float(), g.float()]), torch.cat([queries.labels, gallery.labels]))
         everyone = Relevance(queries.labels, gallery.labels, None, ev.label_comparison_fn)
-        return ev._result(per_query, found, everyone, num_relevant, clustering)
+        result = ev._result(per_query, found, everyone, num_relevant, clustering)
+        return dataclasses.replace(result, search=stats) if stats.queries else result
 
     def _gather_per_query(
         self, ranks: RelevantRanks | None, queries: GlobalShard, max_relevant: int

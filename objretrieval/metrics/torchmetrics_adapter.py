@@ -37,6 +37,7 @@ from objretrieval.metrics.streaming import (
     evaluate_rows,
 )
 from objretrieval.search import Metric
+from objretrieval.search.exact import Precision
 
 
 class TorchmetricsRetrieval(torchmetrics.Metric):
@@ -80,6 +81,7 @@ class TorchmetricsRetrieval(torchmetrics.Metric):
         device: torch.device | str | None = None,
         kmeans_seed: int = 1234,
         storage_dtype: torch.dtype | None = None,
+        precision: Precision = "float32",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -93,6 +95,7 @@ class TorchmetricsRetrieval(torchmetrics.Metric):
             device=device,
             kmeans_seed=kmeans_seed,
             storage_dtype=storage_dtype,
+            precision=precision,
         )
         # Per row: embedding, label, dataset index (-1: none given) and role (its position in _ROLES).
         for name in ("embeddings", "labels", "indices", "roles"):

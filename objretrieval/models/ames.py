@@ -11,26 +11,43 @@ fused attention calls per attention (m, query rows, database rows) instead of on
 when only the score is wanted the last layer computes the cross-attention and feed-forward of m alone. Module
 and parameter names are the official ones, so official checkpoints (weights under ``"state"``) load as they
 are.
+
+``attention="flex"`` runs each attention as one FlexAttention call instead (``torch.nn.attention.flex_attention``,
+compiled to a Triton kernel on CUDA), with a block mask that skips the 128 x 128 tiles holding no real token
+pair: padding, and the pairs the self/cross pattern never scores. That path orders the sequence
+``[m, database, query]`` inside (m and the 50 database tokens share the first tile, so the query rows' cross
+attention reads one key tile) and returns the token states in the official order.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objretrieval._validation import check_finite_values, check_not_all_padded
+from objretrieval._validation import check_choice, check_finite_values, check_not_all_padded
+from objretrieval.kernels.dispatch import measured_faster
 from objretrieval.models.binary import pack_bits, signs_from_bits
 from objretrieval.models.registry import CheckpointFormat, PretrainedCfg, register_model
 
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
 Activation = Literal["relu", "gelu"]
+#: How attention runs: three fused SDPA calls with keep masks, one block-sparse FlexAttention call, or FlexAttention
+#: where the GPU benchmark measured it faster (``MEASURED["ames_attention"]``), dense elsewhere.
+AttentionBackend = Literal["dense", "flex", "auto"]
 
 _FF_CHUNK = 4096  # tokens per feed-forward chunk in inference
+_FLEX_BLOCK = 128  # FlexAttention's default tile: the granularity of its block masks
 
 #: (lamb, temp) of the score fusion ``lamb * global + (1 - lamb) * sigmoid(temp * logit)``, tuned on GLDv2-test
 #: public by the AMES authors for each released model; (0.5, 0.5) is the official configuration's default.
@@ -84,22 +101,127 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
 
 
+# -- FlexAttention ---------------------------------------------------------------------------------------------
+
+
+def _require_flex() -> None:
+    """Refuse ``attention="flex"`` clearly on a torch without FlexAttention (added in torch 2.5)."""
+    try:
+        importlib.import_module("torch.nn.attention.flex_attention")
+    except ImportError as err:
+        raise ImportError(
+            f"attention='flex' needs torch.nn.attention.flex_attention (torch >= 2.5), which torch "
+            f"{torch.__version__} lacks; use attention='dense'"
+        ) from err
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., Tensor]:
+    """FlexAttention compiled once (to Triton on CUDA); eager FlexAttention materialises the scores."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return cast(Callable[..., Tensor], torch.compile(flex_attention))
+
+
+def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+    """One FlexAttention call: compiled on CUDA, eager elsewhere (correct, and it spares a CPU compile of
+    ~15 s per shape)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling():  # inside a compiled model: torch.compile lowers it in place
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if q.device.type == "cuda":
+        return _compiled_flex()(q, k, v, block_mask=block_mask)
+    if q.requires_grad:
+        raise NotImplementedError(
+            "attention='flex' cannot train on the CPU (FlexAttention has no CPU backward); "
+            "use model.set_attention('dense') there"
+        )
+    with warnings.catch_warnings():  # the unfused eager path is this function's documented CPU behaviour
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def _pair_rule(q_idx: Tensor, kv_idx: Tensor, split: Tensor, cross: bool) -> Tensor:
+    """Which token pairs an attention scores, over ``[m, first image, second image]`` with the second image
+    from ``split`` on: m with every token, and each image with itself (self) or with the other (cross)."""
+    other = (q_idx < split) != (kv_idx < split)
+    return (other if cross else ~other) | (q_idx == 0) | (kv_idx == 0)
+
+
+def _block_mask(keep: Tensor, split: int, cross: bool) -> BlockMask:
+    """The FlexAttention block mask of one attention over a batch of sequences; ``keep`` (B, L) real tokens.
+
+    Which tiles hold scored pairs is counted at tile level, ``counts[b, i, j] = sum over the key columns c of
+    tile j of (rows of tile i scoring c) * keep[b, c]``, so the (B, L, L) mask that ``create_block_mask``
+    would evaluate is never formed: a tile is skipped at count 0 and runs without its mask at a full count.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    batch, length = keep.shape
+    tiles = -(-length // _FLEX_BLOCK)
+    # tail slots: never keys, and in bounds for mask_mod
+    keep = F.pad(keep, (0, tiles * _FLEX_BLOCK - length))
+    index = torch.arange(tiles * _FLEX_BLOCK, device=keep.device)
+    # a tensor, not a constant, so one compiled kernel serves every split
+    split_at = torch.tensor(split, device=keep.device)
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return keep[b, kv_idx] & _pair_rule(q_idx, kv_idx, split_at, cross)
+
+    rows = _pair_rule(index[:, None], index[None, :], split_at, cross) & (index < length)[:, None]
+    scoring = rows.view(tiles, _FLEX_BLOCK, tiles, _FLEX_BLOCK).sum(1, dtype=torch.float32)  # (ti, tj, c)
+    counts = torch.einsum("ijc,bjc->bij", scoring, keep.view(batch, tiles, _FLEX_BLOCK).float())
+    full = counts == _FLEX_BLOCK * _FLEX_BLOCK  # integers up to 2^14: exact in float32
+    partial = (counts > 0) & ~full
+    return BlockMask.from_kv_blocks(
+        *_tile_lists(partial),
+        *_tile_lists(full),
+        BLOCK_SIZE=_FLEX_BLOCK,
+        mask_mod=mask_mod,
+        seq_lengths=(length, length),
+    )
+
+
+def _tile_lists(tiles: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, Ti, Tj) bool tiles -> BlockMask's (B, 1, Ti) counts and (B, 1, Ti, Tj) key-tile indices, used first."""
+    indices = torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True)
+    # contiguous: the compiled kernels read the indices by row-major offsets (argsort may return other strides)
+    return tiles.sum(-1, dtype=torch.int32)[:, None], indices.to(torch.int32)[:, None].contiguous()
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What every attention of one forward reads: ``[m, first image, second image]`` split at ``split``,
+    which tokens are real, and the (self, cross) block masks when FlexAttention runs."""
+
+    split: int
+    keep: Tensor
+    flex_masks: tuple[BlockMask, BlockMask] | None = None
+
+    def keep_of(self, image: str) -> Tensor:
+        """(B, 1 + n) keep mask of m and the ``"first"`` or ``"second"`` image's tokens."""
+        if image == "first":
+            return self.keep[:, : self.split]
+        return torch.cat([self.keep[:, :1], self.keep[:, self.split :]], 1)
+
+
 class _Heads:
     """A sequence projected to multi-head queries, keys and values, sliced into the token groups."""
 
-    def __init__(self, mha: nn.MultiheadAttention, x: Tensor, num_query: int) -> None:
+    def __init__(self, mha: nn.MultiheadAttention, x: Tensor, split: int) -> None:
         b, length, d = x.shape
         h = mha.num_heads
         qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
         qkv = qkv.view(b, length, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (3, B, H, L, dh)
         self.q, self.k, self.v = qkv[0], qkv[1], qkv[2]
-        self.split = 1 + num_query
+        self.split = split
 
     def keys(self, group: str) -> tuple[Tensor, Tensor]:
-        """Keys/values of m plus the query tokens (``"query"``), plus the database tokens, or of all tokens."""
+        """Keys/values of m plus the ``"first"`` or ``"second"`` image's tokens, or of all tokens."""
         if group == "all":
             return self.k, self.v
-        if group == "query":
+        if group == "first":
             return self.k[:, :, : self.split], self.v[:, :, : self.split]
         k = torch.cat([self.k[:, :, :1], self.k[:, :, self.split :]], dim=2)
         v = torch.cat([self.v[:, :, :1], self.v[:, :, self.split :]], dim=2)
@@ -125,45 +247,42 @@ class AMESLayer(nn.Module):
         self.normalize_before = normalize_before
 
     def _block_attention(
-        self,
-        mha: nn.MultiheadAttention,
-        x: Tensor,
-        num_query: int,
-        keep: Tensor,
-        cross: bool,
-        only_first: bool,
+        self, mha: nn.MultiheadAttention, x: Tensor, layout: _Layout, cross: bool, only_first: bool
     ) -> Tensor:
         """Attention where m sees every token and each image sees itself (self) or the other image (cross)."""
-        heads = _Heads(mha, x, num_query)
+        heads = _Heads(mha, x, layout.split)
         b, h, _, dh = heads.q.shape
-        keep_query, keep_db = keep[:, : 1 + num_query], torch.cat([keep[:, :1], keep[:, 1 + num_query :]], 1)
         k, v = heads.keys("all")
-        outputs = [_attention(heads.q[:, :, :1], k, v, keep)]
-        if not only_first:
-            query_keys = heads.keys("database" if cross else "query")
-            db_keys = heads.keys("query" if cross else "database")
-            outputs.append(
-                _attention(heads.q[:, :, 1 : 1 + num_query], *query_keys, keep_db if cross else keep_query)
+        # m's row alone: one query row has no tile to skip, so one fused dense call serves both paths
+        if only_first:
+            out = _attention(heads.q[:, :, :1], k, v, layout.keep)
+        elif layout.flex_masks is not None:
+            out = _flex_attention(heads.q, k, v, layout.flex_masks[int(cross)])
+        else:
+            first_rows, second_rows = heads.q[:, :, 1 : layout.split], heads.q[:, :, layout.split :]
+            first_sees, second_sees = ("second", "first") if cross else ("first", "second")
+            out = torch.cat(
+                [
+                    _attention(heads.q[:, :, :1], k, v, layout.keep),
+                    _attention(first_rows, *heads.keys(first_sees), layout.keep_of(first_sees)),
+                    _attention(second_rows, *heads.keys(second_sees), layout.keep_of(second_sees)),
+                ],
+                dim=2,
             )
-            outputs.append(
-                _attention(heads.q[:, :, 1 + num_query :], *db_keys, keep_query if cross else keep_db)
-            )
-        out = torch.cat(outputs, dim=2).transpose(1, 2).reshape(b, -1, h * dh)
+        out = out.transpose(1, 2).reshape(b, -1, h * dh)
         return F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
 
-    def forward(self, x: Tensor, num_query: int, keep: Tensor, only_first: bool = False) -> Tensor:
-        """x: (B, 1 + Q + T, d); keep: (B, 1 + Q + T) True for real tokens. Returns the new states
-        ((B, 1, d) for m alone when ``only_first``)."""
+    def forward(self, x: Tensor, layout: _Layout, only_first: bool = False) -> Tensor:
+        """x: (B, L, d) states of ``[m, first image, second image]``. Returns the new states ((B, 1, d) for m
+        alone when ``only_first``)."""
         if self.normalize_before:
-            x = x + self._block_attention(self.self_attn, self.norm1(x), num_query, keep, False, False)
+            x = x + self._block_attention(self.self_attn, self.norm1(x), layout, False, False)
             first = x[:, :1] if only_first else x
-            x = first + self._block_attention(
-                self.cross_attn, self.norm2(x), num_query, keep, True, only_first
-            )
+            x = first + self._block_attention(self.cross_attn, self.norm2(x), layout, True, only_first)
             return x + self._ff(self.norm3(x))
-        x = self.norm1(x + self._block_attention(self.self_attn, x, num_query, keep, False, False))
+        x = self.norm1(x + self._block_attention(self.self_attn, x, layout, False, False))
         first = x[:, :1] if only_first else x
-        x = self.norm2(first + self._block_attention(self.cross_attn, x, num_query, keep, True, only_first))
+        x = self.norm2(first + self._block_attention(self.cross_attn, x, layout, True, only_first))
         return self.norm3(x + self._ff(x))
 
     def _ff(self, x: Tensor) -> Tensor:
@@ -186,9 +305,9 @@ class AMESDecoder(nn.Module):
         self.layers = nn.ModuleList([AMESLayer(**layer_args) for _ in range(num_layers)])
         self.norm = nn.LayerNorm(layer_args["d_model"]) if final_norm else None
 
-    def forward(self, x: Tensor, num_query: int, keep: Tensor, only_first: bool = False) -> Tensor:
+    def forward(self, x: Tensor, layout: _Layout, only_first: bool = False) -> Tensor:
         for i, layer in enumerate(self.layers):
-            x = layer(x, num_query, keep, only_first and i == len(self.layers) - 1)
+            x = layer(x, layout, only_first and i == len(self.layers) - 1)
         return self.norm(x) if self.norm is not None else x
 
 
@@ -220,6 +339,11 @@ class AMES(nn.Module):
         binarized: project descriptors to ``model_dim`` bits first (the "dist" models).
         fusion: default (lamb, temp) for fusing its logits with global similarities in reranking (the
             builders set the authors' values, :data:`AMES_FUSION`).
+        attention: ``"dense"`` (fused SDPA calls with keep masks), ``"flex"`` (block-sparse FlexAttention:
+            compiled on CUDA, eager on the CPU, where it has no backward), or ``"auto"`` (flex on a CUDA device
+            where ``benchmarks/bench_kernels.py`` measured it faster, see
+            :data:`objretrieval.kernels.MEASURED` ``["ames_attention"]``; dense elsewhere). Same logits
+            either way; :meth:`set_attention` switches a built or pretrained model.
 
     The builders take these arguments as overrides: ``create_model("dinov2_ames", checkpoint="mine.pt",
     num_encoder_layers=3)`` builds a 3-layer model and loads a checkpoint of that shape into it.
@@ -239,8 +363,10 @@ class AMES(nn.Module):
         normalize_before: bool = False,
         binarized: bool = False,
         fusion: tuple[float, float] = (0.5, 0.5),
+        attention: AttentionBackend = "dense",
     ) -> None:
         super().__init__()
+        self.set_attention(attention)
         if activation not in ("relu", "gelu"):
             raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
         if model_dim % nhead:
@@ -267,6 +393,23 @@ class AMES(nn.Module):
         self.classifier = nn.Linear(model_dim, 1)
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.mtc_token, std=0.02)
+
+    def set_attention(self, attention: AttentionBackend) -> AMES:
+        """Switch how attention runs (see the ``attention`` argument); returns the model.
+
+        Raises:
+            ValueError: for another value than ``"dense"``, ``"flex"``, ``"auto"``.
+            ImportError: for ``"flex"`` on a torch without FlexAttention.
+        """
+        self.attention: AttentionBackend = check_choice(attention, "attention", AttentionBackend)
+        if attention == "flex":
+            _require_flex()
+        return self
+
+    def _uses_flex(self, device: torch.device) -> bool:
+        if self.attention == "auto":
+            return measured_faster("ames_attention", device)
+        return self.attention == "flex"
 
     # -- inputs ----------------------------------------------------------------------------------------------
     def _check(self, local: Tensor, mask: Tensor | None, name: str) -> tuple[Tensor, Tensor]:
@@ -356,9 +499,23 @@ class AMES(nn.Module):
         if q_tokens.shape[0] != b:
             q_tokens, q_keep = q_tokens.expand(b, -1, -1), q_keep.expand(b, -1)
         m = self.mtc_token.to(q_tokens.dtype).expand(b, 1, -1)
-        x = torch.cat([m, q_tokens, d_tokens], dim=1)
-        keep = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device), q_keep, database.keep], dim=1)
-        states = self.decoder(x, q_tokens.shape[1], keep, only_first=only_first)
+        flex = self._uses_flex(q_tokens.device)
+        query_side, database_side = (q_tokens, q_keep), (d_tokens, database.keep)
+        # FlexAttention puts the short database side first, beside m in the first tile (see the module doc)
+        (first, first_keep), (second, second_keep) = (
+            (database_side, query_side) if flex else (query_side, database_side)
+        )
+        x = torch.cat([m, first, second], dim=1)
+        keep = torch.cat(
+            [torch.ones(b, 1, dtype=torch.bool, device=x.device), first_keep, second_keep], dim=1
+        )
+        split = 1 + first.shape[1]
+        masks = (
+            (_block_mask(keep, split, cross=False), _block_mask(keep, split, cross=True)) if flex else None
+        )
+        states = self.decoder(x, _Layout(split, keep, masks), only_first=only_first)
+        if flex and not only_first:  # back to the official order [m, query, database]
+            states = torch.cat([states[:, :1], states[:, split:], states[:, 1:split]], dim=1)
         return self.classifier(states[:, 0]).view(-1), states
 
     def forward(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,9 @@ from objretrieval.models.resnet import (
     resnet_trunk_from_torchvision_keys,
     trunk_from_overrides,
 )
+
+if TYPE_CHECKING:
+    from objretrieval.kernels.dispatch import KernelBackend
 
 #: ResNet stages AVSL reads, low to high.
 AVSL_STAGES = ("layer2", "layer3", "layer4")
@@ -380,7 +383,9 @@ class AttributableSimilarity(nn.Module):
         nodes = NodeDistances(tuple(raw), tuple(reliability), tuple(propagated)) if keep_nodes else None
         return hat, levels, nodes
 
-    def forward(self, rows: AVSLFeatures, cols: AVSLFeatures) -> LevelDistances:
+    def forward(
+        self, rows: AVSLFeatures, cols: AVSLFeatures, *, backend: KernelBackend = "torch"
+    ) -> LevelDistances:
         """Distance matrices of every row image against every column image.
 
         With autograd enabled, the per-level matrices are returned too (they carry the gradient into the
@@ -390,9 +395,16 @@ class AttributableSimilarity(nn.Module):
         Args:
             rows: features of R images (or proxies).
             cols: features of C images (or proxies).
+            backend: ``"torch"`` (this path), ``"triton"`` (the fused kernel of :mod:`objretrieval.kernels.avsl`:
+                (R, C) memory, inference only, so it raises when gradients are needed) or ``"auto"`` (the kernel
+                only on a CUDA device where the GPU benchmark measured it faster, and only without gradients).
         """
         _check_features(rows, "rows", self.num_levels, self.embed_dim)
         _check_features(cols, "cols", self.num_levels, self.embed_dim)
+        from objretrieval.kernels.avsl import avsl_distance, use_kernel
+
+        if use_kernel(backend, self, rows, cols):
+            return LevelDistances(avsl_distance(self, rows, cols, backend="triton"), ())
         hat, levels, _ = self._node_terms(rows, cols, self.propagation_weights(), keep_nodes=False)
         return LevelDistances(hat.sum(-1), tuple(levels))
 
@@ -466,9 +478,10 @@ class AVSL(nn.Module):
             self.similarity.update_links(features.links)
         return features
 
-    def distance(self, rows: AVSLFeatures, cols: AVSLFeatures) -> Tensor:
-        """(R, C) AVSL distances (smaller is more similar), computed in memory-bounded blocks."""
-        return -AVSLScorer(self, rows, cols, symmetric=False).full_scores()
+    def distance(self, rows: AVSLFeatures, cols: AVSLFeatures, *, backend: KernelBackend = "torch") -> Tensor:
+        """(R, C) AVSL distances (smaller is more similar), computed in memory-bounded blocks (``backend``: see
+        :class:`AVSLScorer`)."""
+        return -AVSLScorer(self, rows, cols, symmetric=False, backend=backend).full_scores()
 
     @torch.no_grad()
     def explain(self, images_a: Tensor, images_b: Tensor) -> AVSLExplanation:
@@ -567,6 +580,9 @@ class AVSLScorer:
         symmetric: the gallery is the query set (default when ``gallery`` is None): blocks below the diagonal
             are mirrored instead of recomputed.
         device: where to compute (default: the queries' device).
+        backend: ``"torch"`` (blocks through :meth:`AttributableSimilarity.forward`'s path), ``"triton"`` (the
+            fused kernel of :mod:`objretrieval.kernels.avsl`: a block holds only its (q, g) scores) or
+            ``"auto"`` (the kernel only on a CUDA device where the GPU benchmark measured it faster).
     """
 
     def __init__(
@@ -577,7 +593,10 @@ class AVSLScorer:
         *,
         symmetric: bool | None = None,
         device: torch.device | str | None = None,
+        backend: KernelBackend = "torch",
     ) -> None:
+        from objretrieval.kernels.dispatch import resolve_backend
+
         self.similarity = model.similarity if isinstance(model, AVSL) else model
         levels, dim = self.similarity.num_levels, self.similarity.embed_dim
         _check_features(queries, "queries", levels, dim)
@@ -589,6 +608,7 @@ class AVSLScorer:
         self.symmetric = gallery is None if symmetric is None else symmetric
         with torch.no_grad():
             self.weights = self.similarity.propagation_weights().to(self.device)
+        self.backend = resolve_backend("avsl_distance", backend, self.device)
 
     def _prepare(self, features: AVSLFeatures) -> AVSLFeatures:
         return AVSLFeatures(
@@ -607,6 +627,8 @@ class AVSLScorer:
     @torch.no_grad()
     def score_block(self, query_rows: slice, gallery_rows: slice) -> Tensor:
         """(q, g) negative AVSL distances of a block of queries against a block of gallery items."""
+        if self.backend == "triton":
+            return self._kernel(self.queries.rows(query_rows), self.gallery.rows(gallery_rows), paired=False)
         hat, _, _ = self.similarity._node_terms(
             self.queries.rows(query_rows), self.gallery.rows(gallery_rows), self.weights, keep_nodes=False
         )
@@ -619,8 +641,15 @@ class AVSLScorer:
 
         query_ids, gallery_ids = check_pairs(self, query_ids, gallery_ids)
         q, g = self.queries.rows(query_ids), self.gallery.rows(gallery_ids)
+        if self.backend == "triton":
+            return self._kernel(q, g, paired=True)
         hat, _, _ = self.similarity._node_terms(q, g, self.weights, keep_nodes=False, paired=True)
         return hat.sum(-1).squeeze(1).neg_()
+
+    def _kernel(self, q: AVSLFeatures, g: AVSLFeatures, paired: bool) -> Tensor:
+        from objretrieval.kernels.avsl import avsl_distance
+
+        return avsl_distance(self.similarity, q, g, self.weights, paired=paired, backend="triton").neg_()
 
     def shortlist(self, k: int, level: int = -1, exclude_self: bool | None = None) -> Tensor:
         """(Q, k) gallery ids nearest to each query by one level's embedding alone (cosine), for rescoring.

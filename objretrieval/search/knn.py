@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from objretrieval._validation import (
     check_choice,
@@ -15,10 +14,18 @@ from objretrieval._validation import (
     check_positive_int,
     to_tensor,
 )
+from objretrieval.search.exact import (
+    PRECISIONS,
+    ExactTopK,
+    Precision,
+    Screen,
+    SearchStats,
+    search_blocks,
+    self_search,
+)
 from objretrieval.search.faiss_backend import FaissOptions, faiss_search, resolve_faiss_options
-from objretrieval.search.scoring import Metric, iter_scores, prepare, score_block, to_user_scores
+from objretrieval.search.scoring import Metric, prepare, to_user_scores
 from objretrieval.search.sources import BlockSource, GalleryLike
-from objretrieval.search.topk import RunningTopK
 
 if TYPE_CHECKING:  # imported lazily at run time: objretrieval.distributed builds on this module
     from objretrieval.distributed.world import Group
@@ -29,6 +36,10 @@ _MAX_GALLERY = 2**32 - 2  # gallery indices share an int64 sort key with the sco
 
 class Neighbors(NamedTuple):
     """The ``k`` nearest gallery items of each query, best first.
+
+    The torch backend ranks by exact scores (see :mod:`objretrieval.search.exact`): the same neighbours and
+    the same score bits for any block size, query batch, device or number of processes, and for float32 or
+    bf16-exact screening.
 
     Approximate faiss indexes may find fewer than ``k`` items for a query. Such a slot is *missing*: index -1
     and the worst possible score (-inf for similarities, +inf for squared distances), so missing slots always
@@ -69,13 +80,17 @@ def knn(
     query_block_size: int = 4096,
     device: torch.device | str | None = None,
     progress: bool = False,
+    precision: Precision = "float32",
+    stats: SearchStats | None = None,
     group: Group | None = None,
 ) -> Neighbors:
     """Find the ``k`` nearest gallery items of every query, streaming the gallery in blocks.
 
     Memory is O((Q + block) x k) plus one (query block x gallery block) score matrix: the Q x N matrix is not
-    formed. Half-precision inputs are upcast so products accumulate in float32. Ties are broken by the lower
-    gallery index, so results do not depend on block sizes or devices (torch backend).
+    formed. Half-precision inputs are upcast so products accumulate in float32. The torch backend is exact:
+    matrix products only screen the pairs, and the pairs that can still enter a top-k get an exact score
+    (:mod:`objretrieval.search.exact`), so results, ties included (lower gallery index first), do not depend on
+    block sizes, query batches, devices or the screening precision.
 
     Args:
         queries: (Q, D) tensor or numpy array.
@@ -95,6 +110,12 @@ def knn(
         query_block_size: query rows scored against one gallery block at once (torch backend).
         device: where to compute; default the queries' device. Results are returned there.
         progress: show a tqdm progress bar over gallery blocks.
+        precision: the screening products of the torch backend: ``"float32"``, or ``"bf16-exact"``: bfloat16
+            products (about 2.6x the float32 rate on AVX-512 BF16 CPUs, more on GPUs) with a rigorous error
+            bound, and exact scores for every pair within it of a row's k-th. Results are identical to
+            ``"float32"``; only the number of exact scores (``stats.rescored``) grows.
+        stats: optional :class:`~objretrieval.search.exact.SearchStats`, filled in with the number of pairs
+            screened and scored exactly (torch backend).
         group: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``). Only when it
             is passed, the call is the collective sharded search
             :func:`objretrieval.distributed.knn.sharded_knn`: ``queries`` and ``gallery`` (tensors) are this
@@ -110,6 +131,7 @@ def knn(
             excluded item), ``exclude`` ids outside the gallery, or ``faiss`` options with the torch backend.
         TypeError: if ``faiss`` is not a :class:`FaissOptions`.
     """
+    precision = check_choice(precision, "precision", PRECISIONS)
     if group is not None:
         if exclude is not None or backend != "torch" or faiss is not None or progress:
             raise ValueError("knn(group=...) supports the torch backend only, without exclude or progress")
@@ -125,6 +147,8 @@ def knn(
             block_size=block_size,
             query_block_size=query_block_size,
             device=device,
+            precision=precision,
+            stats=stats,
             group=group,
         )
     q = check_embeddings(queries, "queries")
@@ -136,6 +160,11 @@ def knn(
     metric = check_choice(metric, "metric", Metric)
     backend = check_choice(backend, "backend", Backend)
     options = resolve_faiss_options(backend, faiss)
+    if options is not None and precision != "float32":
+        raise ValueError(f"precision={precision!r} is an option of the torch backend, not of faiss")
+    screen = Screen(metric, precision)
+    if stats is not None:
+        stats.precision, stats.queries = precision, stats.queries + q.shape[0]
     compute_device = torch.device(device) if device is not None else q.device
 
     if gallery is None:
@@ -145,7 +174,9 @@ def knn(
             )
         check_k(k, q.shape[0] - 1, "the queries minus the excluded query itself")
         if options is None:
-            return _self_knn(q, k, metric, compute_device, block_size, progress)
+            state = ExactTopK(q.shape[0], k, compute_device, stats)
+            self_search(prepare(q, metric, compute_device), screen, state, block_size, progress)
+            return Neighbors(to_user_scores(state.scores, metric), state.indices)
         source = BlockSource(q, "queries", block_size)
         exclude_ids: Tensor | None = torch.arange(q.shape[0])
     else:
@@ -164,47 +195,23 @@ def knn(
         )
         scores, indices = scores.to(compute_device), indices.to(compute_device)
     else:
-        state = RunningTopK(q.shape[0], k, compute_device)
-        prepared = prepare(q, metric, compute_device)
-        ex = None if exclude_ids is None else exclude_ids.to(compute_device)
-        for row_start, col_offset, s in iter_scores(
-            prepared,
+        state = ExactTopK(q.shape[0], k, compute_device, stats)
+        search_blocks(
+            prepare(q, metric, compute_device),
             source,
-            metric,
+            screen,
+            state,
             device=compute_device,
             query_block_size=query_block_size,
-            exclude=ex,
+            exclude=None if exclude_ids is None else exclude_ids.to(compute_device),
             progress=progress,
-        ):
-            state.update(row_start, s, col_offset)
+        )
         scores, indices = state.scores, state.indices
     assert source.num_rows is not None
     _check_k_gallery(k, source.num_rows, exclude_ids)
     if options is not None:
         _warn_missing(indices, k, options)
     return Neighbors(to_user_scores(scores, metric), indices)
-
-
-def _self_knn(
-    x: Tensor, k: int, metric: Metric, device: torch.device, block_size: int, progress: bool
-) -> Neighbors:
-    """Leave-one-out kNN computing each unordered pair's score once: block (a, c) also serves as (c, a)."""
-    prepared = prepare(x, metric, device)
-    n = len(prepared)
-    state = RunningTopK(n, k, device)
-    starts = range(0, n, block_size)
-    pairs = [(a, c) for a in starts for c in starts if c >= a]
-    buffer = torch.empty(min(block_size, n) ** 2, device=device)
-    for a, c in tqdm(pairs, disable=not progress, desc="search", unit="block"):
-        s = score_block(
-            prepared.rows(a, a + block_size), prepared.rows(c, c + block_size), metric, out=buffer
-        )
-        if a == c:
-            s.fill_diagonal_(float("-inf"))
-        state.update(a, s, c)
-        if c != a:
-            state.update(c, s.T, a)
-    return Neighbors(to_user_scores(state.scores, metric), state.indices)
 
 
 def _warn_missing(indices: Tensor, k: int, options: FaissOptions) -> None:

@@ -105,10 +105,10 @@ class ModelCase:
             for tensor, meta in self.spec[group].items():
                 assert list(loaded[tensor].shape) == meta["shape"], f"{name} {group}: {tensor}"
 
-    def model(self) -> AMES:
+    def model(self, attention: str = "dense") -> AMES:
         """Our AMES built from the manifest config, loading the official checkpoint layout strictly."""
         config = dict(self.spec["config"])
-        model = create_model("dinov2_ames", checkpoint={"state": self.state}, **config)
+        model = create_model("dinov2_ames", checkpoint={"state": self.state}, attention=attention, **config)
         assert isinstance(model, AMES)
         return model
 
@@ -121,9 +121,10 @@ class ModelCase:
 
 @pytest.mark.parametrize("name", fixtures_of_kind("ames", "model_forward"))
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_model_forward(ames: MethodFixtures, name: str, mode: str) -> None:
+@pytest.mark.parametrize("attention", ["dense", "flex"])
+def test_model_forward(ames: MethodFixtures, name: str, mode: str, attention: str) -> None:
     case = ModelCase(ames, name)
-    model = case.model()
+    model = case.model(attention)
     getattr(model, mode)()
     with torch.no_grad():
         sim, logits = model(*case.args(), return_logits=True)
@@ -134,10 +135,11 @@ def test_model_forward(ames: MethodFixtures, name: str, mode: str) -> None:
 
 
 @pytest.mark.parametrize("name", fixtures_of_kind("ames", "model_forward"))
-def test_model_eval_side_outputs(ames: MethodFixtures, name: str) -> None:
+@pytest.mark.parametrize("attention", ["dense", "flex"])
+def test_model_eval_side_outputs(ames: MethodFixtures, name: str, attention: str) -> None:
     """Projections, padding that never leaks, asymmetry, and the cached reranking path."""
     case = ModelCase(ames, name)
-    model = case.model().eval()
+    model = case.model(attention).eval()
     src, tgt, src_mask, tgt_mask = case.args()
     with torch.no_grad():
         assert_close(model.remap(src), case.outputs["remap_src_eval"], case.remap_tol, "query projection")

@@ -1,0 +1,448 @@
+"""Fused similarity + running top-k: exact kNN without a score matrix in memory.
+
+Scores are float32 accumulations of products of the inputs (float32, float16 or bfloat16; half inputs are
+multiplied exactly and summed in float32): the inner product ``q.g`` (the caller normalises for cosine), or
+with squared norms given, ``2 q.g - |g|^2 - |q|^2``, minus the squared L2 distance. The result is the exact
+top-k of those scores, best first, equal scores in ascending gallery index, as everywhere in objretrieval.
+
+Both paths rank one int64 *key* per (score, index): the float32 bits mapped to an order-preserving int32 in
+the high half, ``2**32 - 1 - index`` in the low half (the key of :func:`~objretrieval.search.topk.
+sort_by_score_then_index`), so a descending key is a descending score, then an ascending index, and a top-k is
+a selection on one integer. Excluded and padded columns get :data:`MISSING_KEY`, below every real key; a
+query with fewer than ``k`` eligible columns gets missing slots (index -1, score -inf) last.
+
+- The torch reference (:func:`reference_topk`) streams (query block x gallery block) products through
+  ``torch.topk`` on the keys.
+- The Triton kernel runs one program per (tile of ``BLOCK_Q`` queries, chunk of the gallery). Each program
+  computes a ``(BLOCK_Q, BLOCK_N)`` score tile with ``tl.dot`` (float32 accumulator), turns it into keys and
+  merges them into its running top ``K_PAD`` (``k`` rounded up to a power of two), held in registers: the
+  tile's best ``K_PAD`` (``tl.topk``, descending) against the running list (ascending), the element-wise
+  maximum keeps the best ``K_PAD`` of both (a bitonic half-cleaner), and one bitonic merge sorts them again.
+  A tile with no key above the running list's minimum is skipped. Scores never reach memory; each program
+  writes its ``K_PAD`` keys, and ``torch.topk`` merges the (Q, chunks x K_PAD) keys: O(Q x chunks x K_PAD)
+  memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from objretrieval._validation import check_embeddings, check_finite_values, check_labels, check_positive_int
+from objretrieval.kernels.dispatch import KernelBackend, jit, resolve_backend
+
+try:  # Triton ships with torch's Linux wheels; without it only the torch reference runs
+    import triton.language as tl  # type: ignore[import-untyped]
+    from triton.runtime.jit import constexpr_function  # type: ignore[import-untyped]
+except ImportError:  # pragma: no cover
+    tl = None
+
+    def constexpr_function(fn: Any) -> Any:
+        return fn
+
+#: Largest ``k``: the running list of ``K_PAD = 4096`` keys per query is what one program can hold.
+MAX_K = 4096
+#: Key of an excluded or padded column: below every real (score, index) key.
+MISSING_KEY = -(2**63)
+#: Gallery rows the key's 32-bit index field can tell apart.
+MAX_GALLERY = 2**32 - 1
+#: Input dtypes (the products are exact in float32 for both half formats).
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Score elements per step of the torch reference (64 MiB of float32 scores).
+_REFERENCE_ELEMENTS = 1 << 24
+#: Programs to aim for on a GPU, per streaming multiprocessor: enough that the last wave is a small share.
+_PROGRAMS_PER_SM = 4
+
+
+def encode_keys(scores: Tensor, indices: Tensor) -> Tensor:
+    """int64 keys ordering (score descending, index ascending); ``indices`` lie in [0, 2**32 - 2].
+
+    -0.0 is folded into +0.0 first, so that equal scores get equal high halves.
+    """
+    bits = torch.where(scores == 0, 0.0, scores).view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    return (ordered << 32) + (0xFFFFFFFF - indices)
+
+
+def decode_keys(keys: Tensor, col_offset: int = 0) -> tuple[Tensor, Tensor]:
+    """(float32 scores, int64 indices + ``col_offset``) of keys; missing keys give (-inf, -1)."""
+    ordered = (keys >> 32).to(torch.int32)
+    scores = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).view(torch.float32)
+    indices = 0xFFFFFFFF - (keys & 0xFFFFFFFF) + col_offset
+    missing = keys == MISSING_KEY
+    return scores.masked_fill(missing, float("-inf")), indices.masked_fill(missing, -1)
+
+
+def _check_vector(x: Any, name: str, length: int, of: str, device: torch.device) -> Tensor:
+    """A finite float32 (length,) tensor on ``device``."""
+    if not isinstance(x, Tensor) or x.dtype != torch.float32:
+        raise TypeError(f"{name} must be a float32 tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
+    if tuple(x.shape) != (length,):
+        raise ValueError(f"{name} must have shape ({length},) (one per row of {of}), got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on {device} like the queries, got {x.device}")
+    check_finite_values(x, name)
+    return x
+
+
+def _check_inputs(
+    queries: Any,
+    gallery: Any,
+    k: Any,
+    query_sq_norms: Any,
+    gallery_sq_norms: Any,
+    exclude: Any,
+    col_offset: Any,
+) -> tuple[Tensor, Tensor, int, Tensor | None, Tensor | None, Tensor | None, int]:
+    """Validated arguments of :func:`fused_topk`; ``exclude`` comes back as local columns (or None)."""
+    q, g = check_embeddings(queries, "queries"), check_embeddings(gallery, "gallery")
+    for name, t in (("queries", q), ("gallery", g)):
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if g.dtype != q.dtype:
+        raise TypeError(f"gallery must have the queries' dtype {q.dtype}, got {g.dtype}")
+    if g.shape[1] != q.shape[1]:
+        raise ValueError(f"gallery rows must have the queries' dimension {q.shape[1]}, got {g.shape[1]}")
+    if g.device != q.device:
+        raise ValueError(f"gallery must be on the queries' device {q.device}, got {g.device}")
+    num_q, num_g = q.shape[0], g.shape[0]
+    if num_g > MAX_GALLERY:
+        raise ValueError(f"gallery may have at most {MAX_GALLERY} rows, got {num_g}")
+    k = check_positive_int(k, "k")
+    if k > min(num_g, MAX_K):
+        raise ValueError(f"k must be at most min(gallery rows, MAX_K) = {min(num_g, MAX_K)}, got {k}")
+    col_offset = check_positive_int(col_offset, "col_offset", minimum=0)
+    if (query_sq_norms is None) != (gallery_sq_norms is None):
+        raise ValueError("query_sq_norms and gallery_sq_norms must be given together (L2) or not at all")
+    if query_sq_norms is not None:
+        query_sq_norms = _check_vector(query_sq_norms, "query_sq_norms", num_q, "queries", q.device)
+        gallery_sq_norms = _check_vector(gallery_sq_norms, "gallery_sq_norms", num_g, "gallery", q.device)
+    local_exclude = None
+    if exclude is not None:
+        ex = check_labels(exclude, "exclude", length=num_q, length_of="queries")
+        if ex.device != q.device:
+            raise ValueError(f"exclude must be on the queries' device {q.device}, got {ex.device}")
+        if ex.numel() and int(ex.min()) < -1:
+            raise ValueError(f"exclude must hold gallery indices or -1 (none), got {int(ex.min())}")
+        # Columns in this gallery's own numbering; -1 and indices of other shards match no column.
+        local_exclude = torch.where(ex < 0, -1, ex - col_offset)
+    return q, g, k, query_sq_norms, gallery_sq_norms, local_exclude, col_offset
+
+
+def _reference_keys(
+    q: Tensor, g: Tensor, k: int, q_sq: Tensor | None, g_sq: Tensor | None, exclude: Tensor | None
+) -> Tensor:
+    """(Q, k) best keys, descending, by torch products in float32, in blocks of bounded size."""
+    block_g = min(g.shape[0], 4096)
+    block_q = max(1, _REFERENCE_ELEMENTS // block_g)
+    best = torch.full((q.shape[0], k), MISSING_KEY, dtype=torch.int64, device=q.device)
+    for r0 in range(0, q.shape[0], block_q):
+        rows = slice(r0, r0 + block_q)
+        qb = q[rows].float()
+        for c0 in range(0, g.shape[0], block_g):
+            cols = torch.arange(c0, min(c0 + block_g, g.shape[0]), device=q.device)
+            scores = torch.mm(qb, g[cols].float().T)
+            if q_sq is not None and g_sq is not None:
+                scores = 2.0 * scores - g_sq[cols] - q_sq[rows, None]  # the kernel's order of operations
+            keys = encode_keys(scores, cols)
+            if exclude is not None:
+                keys.masked_fill_(exclude[rows, None] == cols, MISSING_KEY)
+            merged = torch.cat([best[rows], keys], dim=1)
+            best[rows] = merged.topk(k, dim=1).values  # keys are unique: an exact, deterministic selection
+    return best
+
+
+def reference_topk(
+    queries: Tensor,
+    gallery: Tensor,
+    k: int,
+    *,
+    query_sq_norms: Tensor | None = None,
+    gallery_sq_norms: Tensor | None = None,
+    exclude: Tensor | None = None,
+    col_offset: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """The torch reference of :func:`fused_topk` (same arguments, any device): products upcast to float32."""
+    q, g, k, q_sq, g_sq, ex, col_offset = _check_inputs(
+        queries, gallery, k, query_sq_norms, gallery_sq_norms, exclude, col_offset
+    )
+    return decode_keys(_reference_keys(q, g, k, q_sq, g_sq, ex), col_offset)
+
+
+@constexpr_function
+def _bit_shape(rank: int, bit: int) -> list[int]:
+    """Shape that lays ``arange(0, 2)`` along column bit ``bit`` of a rank-``rank`` hypercube of keys."""
+    return [1] * (rank - 1 - bit) + [2] + [1] * bit
+
+
+@constexpr_function
+def _list_shape(log_r: int, log_b: int, log_k: int) -> list[int]:
+    """The running lists' hypercube: (ROWS, K_PAD) with size-1 axes at the buffer's dropped column bits."""
+    return [2] * log_r + [1] * (log_b - log_k) + [2] * log_k
+
+
+def _merge_lists(
+    out_ptr,
+    buf_ptr,
+    slots,
+    K_PAD: tl.constexpr,
+    BUF: tl.constexpr,
+    ROWS: tl.constexpr,
+    LOG_R: tl.constexpr,
+    LOG_K: tl.constexpr,
+    LOG_B: tl.constexpr,
+):
+    """Triton device function: merge the candidate buffers of ``ROWS`` lists into them, empty the buffers.
+
+    The buffer's best K_PAD keys, descending (tl.topk's bitonic top-k), against the running list (ascending):
+    their element-wise maximum holds the best K_PAD of both as a bitonic sequence, which one bitonic merge
+    sorts. The networks run on the keys viewed as a hypercube [2, 2, ...] (row bits, then column bits, lowest
+    last); a compare-exchange along column bit j takes the min and max over that axis and puts the larger on
+    the side its run's direction asks for: tl.sort's scheme with min / max in place of its xor_sum swap, which
+    the interpreter runs at numpy speed (the xor_sum element by element).
+    """
+    lists = out_ptr + slots[:, None] * K_PAD + tl.arange(0, K_PAD)[None, :]
+    buffers = buf_ptr + slots[:, None] * BUF + tl.arange(0, BUF)[None, :]
+    h = tl.reshape(tl.load(buffers), [2] * (LOG_R + LOG_B))
+    tl.store(buffers, tl.full((ROWS, BUF), -9223372036854775807 - 1, tl.int64))  # MISSING_KEY
+    for stage in tl.static_range(1, LOG_K + 1):  # sort runs of 2**stage, alternately up and down
+        down = tl.reshape(tl.arange(0, 2), _bit_shape(LOG_R + LOG_B, stage)) if stage < LOG_B else 1
+        for i in tl.static_range(stage):  # compare-exchange along column bit stage - 1 - i
+            side = tl.reshape(tl.arange(0, 2), _bit_shape(LOG_R + LOG_B, stage - 1 - i))
+            lo = tl.min(h, axis=LOG_R + LOG_B - stage + i, keep_dims=True)
+            hi = tl.max(h, axis=LOG_R + LOG_B - stage + i, keep_dims=True)
+            h = tl.where((side ^ down) != 0, hi, lo)
+    for stage in tl.static_range(LOG_K + 1, LOG_B + 1):  # keep the better of paired runs, re-sort
+        h = tl.max(h, axis=LOG_R + LOG_B - stage, keep_dims=True)  # column bit stage - 1 drops out
+        down = tl.reshape(tl.arange(0, 2), _bit_shape(LOG_R + LOG_B, stage)) if stage < LOG_B else 1
+        for i in tl.static_range(LOG_K):  # compare-exchange along column bit LOG_K - 1 - i
+            side = tl.reshape(tl.arange(0, 2), _bit_shape(LOG_R + LOG_B, LOG_K - 1 - i))
+            lo = tl.min(h, axis=LOG_R + LOG_B - LOG_K + i, keep_dims=True)
+            hi = tl.max(h, axis=LOG_R + LOG_B - LOG_K + i, keep_dims=True)
+            h = tl.where((side ^ down) != 0, hi, lo)
+    h = tl.maximum(tl.reshape(tl.load(lists), _list_shape(LOG_R, LOG_B, LOG_K)), h)
+    for i in tl.static_range(LOG_K):  # bitonic merge, ascending
+        side = tl.reshape(tl.arange(0, 2), _bit_shape(LOG_R + LOG_B, LOG_K - 1 - i))
+        lo = tl.min(h, axis=LOG_R + LOG_B - LOG_K + i, keep_dims=True)
+        hi = tl.max(h, axis=LOG_R + LOG_B - LOG_K + i, keep_dims=True)
+        h = tl.where(side != 0, hi, lo)
+    tl.store(lists, tl.reshape(h, (ROWS, K_PAD)))
+
+
+def _fused_topk_kernel(
+    q_ptr,
+    g_ptr,
+    q_sq_ptr,
+    g_sq_ptr,
+    exclude_ptr,
+    out_ptr,
+    buf_ptr,
+    num_q,
+    num_g,
+    dim,
+    tiles_per_chunk,
+    num_chunks,
+    stride_qm,
+    stride_qd,
+    stride_gn,
+    stride_gd,
+    MERGE: tl.constexpr,
+    HAS_NORMS: tl.constexpr,
+    HAS_EXCLUDE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BUF: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr,
+    LOG_R: tl.constexpr,
+    LOG_K: tl.constexpr,
+    LOG_B: tl.constexpr,
+):
+    """Triton kernel body: the running top-K_PAD lists of one query tile over one gallery chunk.
+
+    ``out_ptr`` / ``buf_ptr`` hold one list (K_PAD keys, ascending) and one candidate buffer (BUF keys) per
+    (query row, chunk), all MISSING_KEY at the start; ``MERGE`` is :func:`_merge_lists`, jitted.
+    """
+    chunk = tl.program_id(1)
+    first_row = tl.program_id(0) * BLOCK_Q
+    rows = first_row + tl.arange(0, BLOCK_Q)
+    row_ok = rows < num_q
+    rows64 = rows.to(tl.int64)  # offsets into large galleries overflow int32
+    slots = rows64 * num_chunks + chunk  # this program's list and buffer of each row
+    if HAS_NORMS:
+        q_sq = tl.load(q_sq_ptr + rows64, mask=row_ok, other=0.0)
+    if HAS_EXCLUDE:
+        excluded = tl.load(exclude_ptr + rows64, mask=row_ok, other=-1)
+    threshold = tl.full((BLOCK_Q,), -9223372036854775807 - 1, tl.int64)  # each list's minimum
+    count = tl.zeros((BLOCK_Q,), dtype=tl.int32)  # keys in each buffer
+    dims = tl.arange(0, BLOCK_D)
+    first = chunk * tiles_per_chunk
+    for tile in range(first, tl.minimum(first + tiles_per_chunk, tl.cdiv(num_g, BLOCK_N))):
+        cols64 = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        col_ok = cols64 < num_g
+        acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            d = d0 + dims
+            d_ok = d < dim
+            a = tl.load(
+                q_ptr + rows64[:, None] * stride_qm + d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                g_ptr + d[:, None] * stride_gd + cols64[None, :] * stride_gn,
+                mask=d_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if HAS_NORMS:
+            g_sq = tl.load(g_sq_ptr + cols64, mask=col_ok, other=0.0)
+            acc = 2.0 * acc - g_sq[None, :] - q_sq[:, None]  # the reference's order: exact doubling first
+        # encode_keys: order-preserving int32 of the score (-0.0 folded) high, 2**32 - 1 - column low.
+        bits = tl.where(acc == 0.0, 0.0, acc).to(tl.int32, bitcast=True)
+        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+        keys = (ordered << 32) + ((-1 - cols64) + 4294967296)[None, :]
+        valid = row_ok[:, None] & col_ok[None, :]
+        if HAS_EXCLUDE:
+            valid = valid & (cols64[None, :] != excluded[:, None])
+        # Candidates beat their list's minimum; the rest can never enter it.
+        candidate = valid & (keys > threshold[:, None])
+        fresh = tl.sum(candidate.to(tl.int32), axis=1)
+        if tl.max(count + fresh) > BUF:  # some buffer would overflow: merge all into the lists first
+            tl.debug_barrier()  # every thread's appends are visible to the merge
+            for group in tl.static_range(BLOCK_Q // ROWS):
+                group_rows = (first_row + group * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+                MERGE(out_ptr, buf_ptr, group_rows * num_chunks + chunk, K_PAD, BUF, ROWS, LOG_R, LOG_K, LOG_B)
+            tl.debug_barrier()
+            threshold = tl.load(out_ptr + slots * K_PAD)  # lists are ascending
+            count = tl.zeros((BLOCK_Q,), dtype=tl.int32)
+            candidate = valid & (keys > threshold[:, None])
+            fresh = tl.sum(candidate.to(tl.int32), axis=1)
+        # Append each row's candidates at its buffer's end (BLOCK_N <= BUF: a tile always fits after a merge).
+        position = count[:, None] + tl.cumsum(candidate.to(tl.int32), axis=1) - 1
+        tl.store(buf_ptr + slots[:, None] * BUF + position, keys, mask=candidate)
+        count += fresh
+    tl.debug_barrier()
+    for group in tl.static_range(BLOCK_Q // ROWS):
+        group_rows = (first_row + group * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+        MERGE(out_ptr, buf_ptr, group_rows * num_chunks + chunk, K_PAD, BUF, ROWS, LOG_R, LOG_K, LOG_B)
+
+
+# Made at first use, in the mode (compiled or interpreted) TRITON_INTERPRET asks for then; the device function
+# reaches the kernel as its MERGE argument, so both are always made in the same mode.
+_triton_kernel = jit(_fused_topk_kernel)
+_triton_merge = jit(_merge_lists)
+
+#: Query rows and gallery columns of a score tile, dimensions per product step.
+BLOCK_Q, BLOCK_N = 64, 128
+#: Most keys of one merge network (ROWS x BUF): 32 int64 registers per thread at 8 warps.
+_NETWORK_KEYS = 4096
+_NUM_WARPS = 8
+
+
+def _triton_keys(
+    q: Tensor,
+    g: Tensor,
+    k: int,
+    q_sq: Tensor | None,
+    g_sq: Tensor | None,
+    exclude: Tensor | None,
+    num_chunks: int | None,
+) -> Tensor:
+    """(Q, k) best keys, descending, by the fused kernel and a ``torch.topk`` over its partial lists."""
+    num_q, num_g = q.shape[0], g.shape[0]
+    k_pad = 1 << (k - 1).bit_length()
+    buf = max(k_pad, 2 * BLOCK_N)  # at least one tile's candidates, and room for the buffer's top-k
+    rows = max(1, min(BLOCK_Q, _NETWORK_KEYS // buf))
+    num_tiles = -(-num_g // BLOCK_N)
+    q_tiles = -(-num_q // BLOCK_Q)
+    if num_chunks is None:  # enough programs to keep every SM busy; one chunk under the interpreter
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        num_chunks = -(-_PROGRAMS_PER_SM * sms // q_tiles)
+    num_chunks = max(1, min(num_chunks, num_tiles))
+    tiles_per_chunk = -(-num_tiles // num_chunks)
+    num_chunks = -(-num_tiles // tiles_per_chunk)  # no empty chunk
+    # Rows padded to whole query tiles, so that the merges need no row masks.
+    out = torch.full((q_tiles * BLOCK_Q, num_chunks, k_pad), MISSING_KEY, dtype=torch.int64, device=q.device)
+    buffers = torch.full((q_tiles * BLOCK_Q, num_chunks, buf), MISSING_KEY, dtype=torch.int64, device=q.device)
+    _triton_kernel()[(q_tiles, num_chunks)](
+        q,
+        g,
+        out if q_sq is None else q_sq,  # (pointer arguments that a constexpr flag disables)
+        out if g_sq is None else g_sq,
+        out if exclude is None else exclude,
+        out,
+        buffers,
+        num_q,
+        num_g,
+        q.shape[1],
+        tiles_per_chunk,
+        num_chunks,
+        q.stride(0),
+        q.stride(1),
+        g.stride(0),
+        g.stride(1),
+        MERGE=_triton_merge(),
+        HAS_NORMS=q_sq is not None,
+        HAS_EXCLUDE=exclude is not None,
+        PRECISION="ieee",  # float32 inputs: true float32 products, not TF32 (no effect on half inputs)
+        K_PAD=k_pad,
+        BUF=buf,
+        BLOCK_Q=BLOCK_Q,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=32 if q.dtype == torch.float32 else 64,
+        ROWS=rows,
+        LOG_R=rows.bit_length() - 1,
+        LOG_K=k_pad.bit_length() - 1,
+        LOG_B=buf.bit_length() - 1,
+        num_warps=_NUM_WARPS,
+    )
+    return out[:num_q].view(num_q, num_chunks * k_pad).topk(k, dim=1).values
+
+
+def fused_topk(
+    queries: Tensor,
+    gallery: Tensor,
+    k: int,
+    *,
+    query_sq_norms: Tensor | None = None,
+    gallery_sq_norms: Tensor | None = None,
+    exclude: Tensor | None = None,
+    col_offset: int = 0,
+    backend: KernelBackend = "triton",
+    num_chunks: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The exact top-``k`` gallery rows of each query by float32-accumulated scores, best first.
+
+    Args:
+        queries: (Q, D) float32, float16 or bfloat16.
+        gallery: (N, D), the queries' dtype and device.
+        k: neighbours per query, 1 <= k <= min(N, :data:`MAX_K`).
+        query_sq_norms: (Q,) float32 squared norms: with ``gallery_sq_norms``, scores are
+            ``2 q.g - |g|^2 - |q|^2`` (minus the squared L2 distance); without, the inner product.
+        gallery_sq_norms: (N,) float32; given with ``query_sq_norms`` or not at all.
+        exclude: (Q,) integer gallery index skipped per query (leave-one-out passes ``arange(Q)``), in the
+            caller's numbering (``col_offset`` included); -1 or an index outside this gallery skips nothing.
+        col_offset: the caller's index of gallery row 0; returned indices include it.
+        backend: ``"triton"`` (the kernel: CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``),
+            ``"torch"`` (:func:`reference_topk`) or ``"auto"`` (the kernel only on a GPU where it was
+            measured faster).
+        num_chunks: gallery chunks searched by separate programs (Triton only); None: about
+            ``4 x SMs / query tiles`` on a GPU, one under the interpreter.
+
+    Returns:
+        (Q, k) float32 scores, descending, and (Q, k) int64 indices, equal scores in ascending index; a query
+        with fewer than ``k`` columns left after ``exclude`` ends with missing slots (-inf, -1).
+    """
+    q, g, k, q_sq, g_sq, ex, col_offset = _check_inputs(
+        queries, gallery, k, query_sq_norms, gallery_sq_norms, exclude, col_offset
+    )
+    if num_chunks is not None:
+        num_chunks = check_positive_int(num_chunks, "num_chunks")
+    if resolve_backend("knn", backend, q.device) == "torch":
+        return decode_keys(_reference_keys(q, g, k, q_sq, g_sq, ex), col_offset)
+    return decode_keys(_triton_keys(q, g, k, q_sq, g_sq, ex, num_chunks), col_offset)

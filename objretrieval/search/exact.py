@@ -1,0 +1,454 @@
+"""Exact top-k: fast products screen the pairs, exact scores rank the few that can still enter the top-k.
+
+Matrix products round differently with their shapes, block sizes, thread counts and devices (MKL picks
+other kernels for other shapes; cuBLAS splits sums; bfloat16 keeps 8 bits), so a ranking read off their
+output lets near-ties and duplicates fall either way. Here products only *screen*: every screened score
+``s`` lies within a rigorous bound ``E`` (:class:`Screen`) of the pair's **exact score** ``c``
+(:func:`exact_scores`: float32 products summed in one fixed pairwise order per dimension, hence the same
+bits on every device, for any block layout, in any process). A pair of a block is scored exactly only if
+``s + E`` can still reach the running k-th exact score of its row (:class:`ExactTopK`); the kept top-k is
+the top-k of exact scores, ties to the lower index.
+
+So the result does not depend on the precision of the products (``"float32"`` or ``"bf16-exact"``), block
+sizes, the number of processes or the device, and costs one exact score per pair that comes within ``E``
+of a row's running k-th: for float32 products ``E`` is about ``D 2^-24 |q||g|`` (a handful of pairs per
+row), for bfloat16 about ``2^-8 |q||g|`` (tens of pairs per row on real embeddings). :class:`SearchStats`
+counts them.
+
+Bound of a screened score (u = 2^-24, u_b = 2^-8, gamma_n = n u / (1 - n u), L = ceil(log2 D)):
+
+- float32, inner product: ``|s - c| <= (gamma_D + gamma_{L+1}) |q| |g|`` (any summation order of the
+  product, and the exact score's own pairwise sum);
+- bfloat16, inner product, with ``q' = bf16(q)``, ``dq = q - q'`` (likewise g): ``q'.g' - q.g = -dq.g - q'.dg``,
+  so ``|q'.g' - q.g| <= |dq||g| + |q'||dg|``; products of bf16 numbers are exact in float32 and summed in
+  float32 (``gamma_D |q'||g'|``); the product's output is rounded once to bfloat16, a relative error
+  ``u_b / (1 - u_b)`` of the value itself, applied entry by entry to the threshold;
+- L2: the same for ``2 q.g`` plus the rounding of the norms, of the shift to the common origin and of the
+  three-term sum, all below ``(gamma_{D+4} + 4u) (|q| + |g|)^2``.
+
+Every bound takes row norms against the block's largest gallery norms, and a 0.1 % slack for the rounding
+of those norms. The bfloat16 bound
+assumes what oneDNN (AVX-512 BF16 / AMX) and cuBLAS do: float32 accumulation, one rounding of the output;
+on CUDA the screening turns off cuBLAS's reduced-precision bf16 reductions for its products.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, get_args
+
+import torch
+from torch import Tensor
+
+from objretrieval.search.scoring import Metric, Prepared, mask_excluded, prepare, score_block
+from objretrieval.search.sources import BlockSource
+from objretrieval.search.topk import _chunk_max, sort_by_score_then_index
+
+Precision = Literal["float32", "bf16-exact"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+_U = 2.0**-24  # float32 unit roundoff
+_U_BF16 = 2.0**-8  # bfloat16 unit roundoff
+#: Covers the float32 rounding of the norms the bounds are computed from (relative error <= gamma_D).
+_SLACK = 1.001
+#: Elements of the (pairs, D) product buffer of one exact-scoring step (4 MiB in float32: it stays in cache).
+_EXACT_ELEMENTS = 1 << 20
+#: Columns per chunk when a block is searched for entries above a threshold (see :func:`entries_at_least`).
+_CHUNK = 32
+
+
+def _gamma(n: int) -> float:
+    return n * _U / (1.0 - n * _U)
+
+
+@dataclass
+class SearchStats:
+    """What an exact search did; pass one as ``knn(..., stats=SearchStats())`` to have it filled in.
+
+    Attributes:
+        precision: the precision of the screening products.
+        queries: query rows searched.
+        screened: (query, gallery) pairs given a screened score.
+        rescored: pairs scored exactly because they could still enter a top-k.
+    """
+
+    precision: str = "float32"
+    queries: int = 0
+    screened: int = 0
+    rescored: int = 0
+
+    @property
+    def rescored_per_query(self) -> float:
+        """Exact scores computed per query (at least ``k``)."""
+        return self.rescored / max(1, self.queries)
+
+
+def exact_scores(x: Tensor, y: Tensor, metric: Metric) -> Tensor:
+    """(P,) exact scores of the row pairs ``(x[i], y[i])``, "higher is better" (minus the squared distance
+    for L2), float32.
+
+    Float32 products (L2: squared float32 differences) summed by halving the row in place: a fixed pairwise
+    order for each dimension D, made of elementwise operations only, so a pair gets the same bits whatever
+    the batch, the device or the process; the error is at most ``gamma_{ceil(log2 D)+1}`` times the sum of
+    absolute terms (a matrix product's: ``gamma_D``).
+    """
+    return exact_pair_scores(x, y, torch.arange(len(x), device=x.device), None, metric)
+
+
+def exact_pair_scores(x: Tensor, y: Tensor, rows: Tensor, cols: Tensor | None, metric: Metric) -> Tensor:
+    """(P,) :func:`exact_scores` of the pairs ``(x[rows[i]], y[cols[i]])`` (``cols=None``: ``y[rows[i]]``),
+    gathered a few hundred pairs at a time so that operands stay in cache."""
+    out = torch.empty(len(rows), dtype=torch.float32, device=x.device)
+    d = x.shape[1]
+    step = max(1, _EXACT_ELEMENTS // max(1, d))
+    for i in range(0, len(rows), step):
+        r = rows[i : i + step]
+        a = x.index_select(0, r)
+        b = y.index_select(0, r if cols is None else cols[i : i + step])
+        p = a.sub_(b).square_() if metric == "l2" else a.mul_(b)
+        w = d
+        while w > 1:
+            half = w // 2
+            if w % 2:
+                p[:, :1] += p[:, w - 1 : w]
+            p[:, :half] += p[:, half : 2 * half]
+            w = half
+        out[i : i + step] = p[:, 0]
+    return out.neg_() if metric == "l2" else out
+
+
+class ScreenRows(NamedTuple):
+    """Rows ready for screening: the prepared float32 rows (also the exact scores' points), their bfloat16
+    copy for ``"bf16-exact"``, and the norms the bounds need."""
+
+    prepared: Prepared
+    norms: Tensor  # |v| of the scored vectors (shifted ones for L2)
+    low: Tensor | None = None  # bf16(v)
+    low_norms: Tensor | None = None  # |bf16(v)|
+    residual_norms: Tensor | None = None  # |v - bf16(v)|
+
+    def __len__(self) -> int:
+        return len(self.prepared)
+
+    def rows(self, start: int, stop: int) -> ScreenRows:
+        def cut(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[start:stop]
+
+        return ScreenRows(
+            self.prepared.rows(start, stop),
+            self.norms[start:stop],
+            cut(self.low),
+            cut(self.low_norms),
+            cut(self.residual_norms),
+        )
+
+    @property
+    def points(self) -> Tensor:
+        return self.prepared.points
+
+
+@dataclass(frozen=True)
+class Screen:
+    """Screening products of one precision for one metric, with the bound of their error (module docs)."""
+
+    metric: Metric
+    precision: Precision = "float32"
+
+    def rows(self, p: Prepared) -> ScreenRows:
+        """The screening view of prepared rows."""
+        v = p.vectors
+        norms = torch.linalg.vector_norm(v, dim=1)
+        if self.precision == "float32":
+            return ScreenRows(p, norms)
+        low = v.to(torch.bfloat16)
+        wide = low.float()
+        return ScreenRows(
+            p,
+            norms,
+            low,
+            torch.linalg.vector_norm(wide, dim=1),
+            torch.linalg.vector_norm(v - wide, dim=1),
+        )
+
+    def scores(self, q: ScreenRows, g: ScreenRows, out: Tensor | None = None) -> Tensor:
+        """(len(q), len(g)) screened scores, higher is better (float32, or bfloat16 for inner products)."""
+        if self.precision == "float32":
+            return score_block(q.prepared, g.prepared, self.metric, out=out)
+        assert q.low is not None and g.low is not None
+        with _exact_bf16_products(q.low.device):
+            s = torch.mm(q.low, g.low.T, out=_view(out, (len(q), len(g)), torch.bfloat16))
+        if self.metric != "l2":
+            return s
+        assert q.prepared.sq_norms is not None and g.prepared.sq_norms is not None
+        wide = s.float().mul_(2.0)
+        return wide.sub_(g.prepared.sq_norms).sub_(q.prepared.sq_norms[:, None])
+
+    def buffer(self, rows: int, cols: int, device: torch.device) -> Tensor:
+        """Scratch memory for one screened block, reused across blocks (fresh memory costs page faults)."""
+        dtype = torch.bfloat16 if self.precision == "bf16-exact" else torch.float32
+        return torch.empty(rows * cols, dtype=dtype, device=device)
+
+    def bounds(self, q: ScreenRows, g: ScreenRows) -> tuple[Tensor, float]:
+        """``(E, r)``: (len(q),) float64 absolute bounds of ``|screened - exact|`` against this gallery block,
+        and the relative part ``r`` (bfloat16 inner products: ``|s - c| <= E + r |s|``)."""
+        d = q.prepared.vectors.shape[1]
+        depth = max(1, math.ceil(math.log2(max(d, 1)))) + 1
+        qn, gn = q.norms.double(), float(g.norms.max()) if len(g) else 0.0
+        tiny = d * 2.0**-124  # flushed subnormal products
+        if self.precision == "float32":
+            if self.metric == "l2":
+                e = (_gamma(d + 4) + _gamma(depth + 2) + 4 * _U) * (qn + gn).square()
+            else:
+                e = (_gamma(d) + _gamma(depth)) * qn * gn
+            return _SLACK * e + tiny, 0.0
+        assert q.low_norms is not None and q.residual_norms is not None
+        assert g.low_norms is not None and g.residual_norms is not None
+        g_low = float(g.low_norms.max()) if len(g) else 0.0
+        g_res = float(g.residual_norms.max()) if len(g) else 0.0
+        q_low, q_res = q.low_norms.double(), q.residual_norms.double()
+        dot = q_res * gn + q_low * g_res + (_gamma(d) + _gamma(depth)) * (q_low * g_low + qn * gn)
+        rel = _U_BF16 / (1.0 - _U_BF16)
+        if self.metric != "l2":
+            return _SLACK * dot + tiny, _SLACK * rel
+        # 2 q.g from a bf16-rounded product, bounded with |q'||g'| instead of entry by entry
+        e = (
+            2.0 * (dot + rel * q_low * g_low)
+            + (_gamma(d + 4) + _gamma(depth + 2) + 8 * _U) * (qn + gn).square()
+        )
+        return _SLACK * e + tiny, 0.0
+
+
+def _view(out: Tensor | None, shape: tuple[int, int], dtype: torch.dtype) -> Tensor | None:
+    if out is None or out.dtype != dtype or out.numel() < shape[0] * shape[1]:
+        return None
+    return out[: shape[0] * shape[1]].view(shape)
+
+
+@contextlib.contextmanager
+def _exact_bf16_products(device: torch.device) -> Iterator[None]:
+    """cuBLAS may reduce bf16 products in bf16 (split-K); the bound needs float32 sums."""
+    if device.type != "cuda":
+        yield
+        return
+    flag = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = flag
+
+
+def thresholds(kth: Tensor, bound: tuple[Tensor, float]) -> Tensor:
+    """(rows,) float32 screened-score thresholds: a pair below its row's can no longer reach ``kth``.
+
+    Keep ``s`` if ``s + r |s| + E >= kth``: with ``t = kth - E``, that is ``s >= t / (1 + r)`` for ``t > 0``
+    and ``s >= t / (1 - r)`` otherwise; computed in float64 and rounded down to float32. Rows without a k-th
+    yet (``-inf``) keep everything.
+    """
+    e, relative = bound
+    t = kth.double() - e.to(kth.device)
+    if relative:
+        t = torch.where(t > 0, t / (1.0 + relative), t / (1.0 - relative))
+    t32 = t.float()
+    return torch.where(t32.double() > t, torch.nextafter(t32, torch.full_like(t32, float("-inf"))), t32)
+
+
+def entries_at_least(block: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
+    """``(rows, cols)`` of the finite entries of ``block`` at or above their row's ``threshold``, row-major.
+
+    Reads the block once, for maxima over chunks of columns, and looks inside the chunks whose maximum
+    passes: few do once a row's top-k has filled. ``block`` may be a transposed view of a contiguous matrix.
+    """
+    n_cols = block.shape[1]
+    device = block.device
+    chunk = _CHUNK if n_cols >= 2 * _CHUNK else n_cols
+    n_chunks = n_cols // chunk if chunk else 0
+    parts: list[tuple[Tensor, Tensor]] = []
+    if n_chunks:
+        hit_rows, hit_chunks = (_chunk_max(block, n_chunks, chunk) >= threshold[:, None]).nonzero(
+            as_tuple=True
+        )
+        if hit_rows.numel():
+            offsets = torch.arange(chunk, device=device)
+            cols = hit_chunks[:, None] * chunk + offsets
+            flat = block.as_strided((block.numel(),), (1,), block.storage_offset()) if _dense(block) else None
+            if flat is not None:
+                values = flat[hit_rows[:, None] * block.stride(0) + cols * block.stride(1)]
+            else:
+                values = block[hit_rows[:, None], cols]
+            keep = (values >= threshold[hit_rows, None]) & (values > float("-inf"))
+            parts.append((hit_rows[:, None].expand_as(cols)[keep], cols[keep]))
+    if n_chunks * chunk < n_cols:
+        start = n_chunks * chunk
+        tail = block[:, start:]
+        r, c = ((tail >= threshold[:, None]) & (tail > float("-inf"))).nonzero(as_tuple=True)
+        parts.append((r, c + start))
+    if not parts:
+        empty = torch.empty(0, dtype=torch.int64, device=device)
+        return empty, empty
+    if len(parts) == 1:
+        return parts[0]
+    rows, cols = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    order = torch.argsort(rows, stable=True)
+    return rows[order], cols[order]
+
+
+def _dense(block: Tensor) -> bool:
+    """Whether ``block`` is a matrix or the transpose of one, whose elements fill ``numel`` slots."""
+    s0, s1 = block.stride()
+    return (s1 == 1 and s0 == block.shape[1]) or (s0 == 1 and s1 == block.shape[0])
+
+
+class ExactTopK:
+    """The best ``k`` (exact score, index) pairs per row over screened blocks; O(rows x k) memory.
+
+    Each :meth:`update` scores exactly the block's pairs that can still enter a row's top-k (their screened
+    score plus its bound reaches the row's running k-th exact score); a row not yet full takes (a bound of) the
+    block's own k-th screened score as its k-th. The running k-th only rises, so every pair of the final top-k is scored
+    exactly when its block passes: the result is the exact top-k (module docs).
+
+    Args:
+        num_rows: number of query rows.
+        k: neighbours kept per row.
+        device: where the state lives.
+        stats: optional :class:`SearchStats` to count the pairs screened and rescored.
+    """
+
+    def __init__(self, num_rows: int, k: int, device: torch.device, stats: SearchStats | None = None) -> None:
+        self.k = k
+        self.scores = torch.full((num_rows, k), float("-inf"), dtype=torch.float32, device=device)
+        self.indices = torch.full((num_rows, k), -1, dtype=torch.int64, device=device)
+        self.stats = stats
+
+    def update(
+        self,
+        row_start: int,
+        block: Tensor,
+        col_offset: int,
+        row_points: Tensor,
+        col_points: Tensor,
+        metric: Metric,
+        bound: tuple[Tensor, float],
+    ) -> None:
+        """Merge a screened (rows, cols) block whose rows start at ``row_start`` and columns at ``col_offset``.
+
+        Args:
+            block: screened scores (may be a transposed view); -inf marks excluded pairs.
+            row_points, col_points: the points of the block's rows and columns, for :func:`exact_scores`.
+            metric: the metric of the exact scores.
+            bound: :meth:`Screen.bounds` of these rows against these columns.
+        """
+        n_rows, n_cols = block.shape
+        rows = slice(row_start, row_start + n_rows)
+        if self.stats is not None:
+            self.stats.screened += n_rows * n_cols
+        kth = self.scores[rows, -1]
+        open_rows = (kth == float("-inf")).nonzero().squeeze(1)
+        if open_rows.numel():  # not yet full: after this block, the row's k-th is at least the block's own
+            kth = kth.clone()
+            kth[open_rows] = self._block_kth(block, open_rows, bound)
+        r, c = entries_at_least(block, thresholds(kth, bound))
+        _Scorer(self, rows, col_offset, row_points, col_points, metric)(r, c)
+
+    def _block_kth(self, block: Tensor, rows: Tensor, bound: tuple[Tensor, float]) -> Tensor:
+        """A lower bound of each row's k-th exact score within the block: its k-th screened score, minus the
+        bound (-inf where the block has fewer than k finite entries for that row)."""
+        sub = block if rows.numel() == block.shape[0] else block[rows]
+        if sub.shape[1] < self.k:
+            return torch.full((len(rows),), float("-inf"), device=block.device)
+        kth = sub.topk(self.k, dim=1, sorted=False).values.amin(dim=1).double()
+        e, relative = bound
+        return (kth - relative * kth.abs() - e[rows].to(kth.device)).float()
+
+
+class _Scorer:
+    """Exact scores of one block's candidate pairs, merged into the state's rows."""
+
+    def __init__(
+        self,
+        state: ExactTopK,
+        rows: slice,
+        col_offset: int,
+        row_points: Tensor,
+        col_points: Tensor,
+        metric: Metric,
+    ) -> None:
+        self.state, self.rows, self.col_offset = state, rows, col_offset
+        self.row_points, self.col_points, self.metric = row_points, col_points, metric
+
+    def __call__(self, r: Tensor, c: Tensor) -> None:
+        """Score the pairs ``(r, c)`` (local row, column; sorted by row) and merge them."""
+        if r.numel() == 0:
+            return
+        st = self.state
+        exact = exact_pair_scores(self.row_points, self.col_points, r, c, self.metric)
+        if st.stats is not None:
+            st.stats.rescored += r.numel()
+        n_rows = self.rows.stop - self.rows.start
+        counts = torch.bincount(r, minlength=n_rows)
+        touched = counts.nonzero().squeeze(1)
+        local = (torch.cumsum(counts > 0, 0) - 1)[r]
+        slot = torch.arange(r.numel(), device=r.device) - (counts.cumsum(0) - counts)[r]
+        width = int(counts.max())
+        values = torch.full((len(touched), width), float("-inf"), device=r.device)
+        cols = torch.full((len(touched), width), -1, dtype=torch.int64, device=r.device)
+        values[local, slot] = exact
+        cols[local, slot] = c + self.col_offset
+        at = touched + self.rows.start
+        merged_scores, merged_indices = sort_by_score_then_index(
+            torch.cat([st.scores[at], values], dim=1), torch.cat([st.indices[at], cols], dim=1)
+        )
+        st.scores[at] = merged_scores[:, : st.k]
+        st.indices[at] = merged_indices[:, : st.k]
+
+
+def search_blocks(
+    queries: Prepared,
+    gallery: BlockSource,
+    screen: Screen,
+    state: ExactTopK,
+    *,
+    device: torch.device,
+    query_block_size: int,
+    exclude: Tensor | None = None,
+    progress: bool = False,
+) -> None:
+    """Screen every (query block, gallery block) pair into ``state``; the gallery is read once, in order."""
+    from tqdm.auto import tqdm
+
+    q = screen.rows(queries)
+    buffer = screen.buffer(min(query_block_size, len(q)), gallery.block_size, device)
+    total = None if gallery.num_rows is None else -(-gallery.num_rows // gallery.block_size)
+    for col_offset, block in tqdm(
+        gallery.blocks(), total=total, disable=not progress, desc="search", unit="block"
+    ):
+        g = screen.rows(prepare(block, screen.metric, device, like=queries))
+        for row_start in range(0, len(q), query_block_size):
+            rows = q.rows(row_start, row_start + query_block_size)
+            s = screen.scores(rows, g, out=buffer)
+            mask_excluded(s, exclude, row_start, col_offset)
+            state.update(
+                row_start, s, col_offset, rows.points, g.points, screen.metric, screen.bounds(rows, g)
+            )
+
+
+def self_search(x: Prepared, screen: Screen, state: ExactTopK, block_size: int, progress: bool) -> None:
+    """Leave-one-out over ``x``: each unordered block pair is screened once and serves both its row blocks."""
+    from tqdm.auto import tqdm
+
+    rows = screen.rows(x)
+    n = len(rows)
+    starts = range(0, n, block_size)
+    pairs = [(a, c) for a in starts for c in starts if c >= a]
+    buffer = screen.buffer(min(block_size, n), min(block_size, n), x.vectors.device)
+    for a, c in tqdm(pairs, disable=not progress, desc="search", unit="block"):
+        ra, rc = rows.rows(a, a + block_size), rows.rows(c, c + block_size)
+        s = screen.scores(ra, rc, out=buffer)
+        if a == c:
+            s.fill_diagonal_(float("-inf"))
+        state.update(a, s, c, ra.points, rc.points, screen.metric, screen.bounds(ra, rc))
+        if c != a:
+            state.update(c, s.T, a, rc.points, ra.points, screen.metric, screen.bounds(rc, ra))

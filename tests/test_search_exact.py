@@ -1,0 +1,157 @@
+"""The exact search: screened products, exact scores, and bf16-exact equal to float32 bit for bit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from objretrieval import RetrievalEvaluator, knn
+from objretrieval.metrics.streaming import RetrievalMetrics
+from objretrieval.search.exact import Screen, SearchStats, exact_scores
+from objretrieval.search.scoring import prepare
+
+CPU = torch.device("cpu")
+
+
+def _brute_force(
+    q: torch.Tensor, g: torch.Tensor | None, k: int, metric: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 top-k with the tie rule (score descending, index ascending), leave-one-out when g is None."""
+    qd = q.double()
+    gd = qd if g is None else g.double()
+    if metric == "cosine":
+        qd, gd = F.normalize(qd, dim=1), F.normalize(gd, dim=1)
+    s = -torch.cdist(qd, gd).square() if metric == "l2" else qd @ gd.T
+    if g is None:
+        s.fill_diagonal_(float("-inf"))
+    idx = torch.arange(s.shape[1], dtype=torch.float64).expand_as(s)
+    order = torch.from_numpy(__import__("numpy").lexsort((idx.numpy(), -s.numpy()), axis=1))[:, :k]
+    return s.gather(1, order), order
+
+
+def _adversarial(n: int, d: int, seed: int, scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:
+    """Rows with exact duplicates, near-duplicates one bf16 ulp apart, and near-tied scores."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    x[1::7] = x[0::7][: len(x[1::7])]  # exact duplicates: ties broken by the lower index
+    x[2::7] = x[0::7][: len(x[2::7])] * (1 + 2**-9)  # same direction: equal cosine, near-equal ip
+    x[3::11] += 1e-4 * torch.randn(len(x[3::11]), d, generator=g)  # near-ties below bf16 resolution
+    return x * scale + offset
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+@pytest.mark.parametrize("case", ["plain", "large_norms", "uncentred"])
+def test_bf16_exact_equals_float32_bit_for_bit(metric: str, case: str) -> None:
+    scale, offset = {"plain": (1.0, 0.0), "large_norms": (1e3, 0.0), "uncentred": (1.0, 40.0)}[case]
+    x = _adversarial(301, 24, 0, scale, offset)
+    g = _adversarial(517, 24, 1, scale, offset)
+    for gallery, k in ((g, 9), (None, 9), (g, 40)):
+        ref = knn(x, gallery, k=k, metric=metric, block_size=128)
+        stats = SearchStats()
+        low = knn(x, gallery, k=k, metric=metric, block_size=128, precision="bf16-exact", stats=stats)
+        assert torch.equal(low.indices, ref.indices)
+        assert torch.equal(low.scores, ref.scores)
+        assert stats.precision == "bf16-exact" and stats.rescored >= x.shape[0] * k
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+def test_exact_search_matches_float64_brute_force(metric: str) -> None:
+    x, g = torch.randn(57, 33), torch.randn(203, 33)
+    for gallery in (g, None):
+        scores, indices = knn(x, gallery, k=11, metric=metric, block_size=64, precision="bf16-exact")
+        ref_scores, ref_indices = _brute_force(x, gallery, 11, metric)
+        assert torch.equal(indices, ref_indices)
+        expected = -ref_scores if metric == "l2" else ref_scores
+        torch.testing.assert_close(scores.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_duplicates_tie_to_the_lower_index_in_both_precisions() -> None:
+    base = torch.randn(5, 16)
+    g = base.repeat(40, 1)  # every row 40 times: all ties
+    q = base[:3]
+    for precision in ("float32", "bf16-exact"):
+        found = knn(q, g, k=40, block_size=32, precision=precision)
+        expected = torch.arange(3)[:, None] + 5 * torch.arange(40)[None, :]
+        assert torch.equal(found.indices, expected)
+        assert bool((found.scores == found.scores[:, :1]).all())
+
+
+def test_scores_do_not_depend_on_block_sizes_or_query_batches() -> None:
+    x, g = torch.randn(300, 64), torch.randn(1111, 64)
+    ref = knn(x, g, k=7)
+    for block_size, query_block_size in ((97, 4096), (1111, 13), (5000, 1)):
+        other = knn(x, g, k=7, block_size=block_size, query_block_size=query_block_size)
+        assert torch.equal(other.scores, ref.scores) and torch.equal(other.indices, ref.indices)
+    few = knn(x[:3], g, k=7)  # three queries: other product shapes, the same scores
+    assert torch.equal(few.scores, ref.scores[:3]) and torch.equal(few.indices, ref.indices[:3])
+    loo = knn(x, k=5)
+    assert torch.equal(loo.scores, knn(x, k=5, block_size=41).scores)
+
+
+def test_exact_scores_are_per_pair_and_accurate() -> None:
+    x, y = torch.randn(500, 97), torch.randn(500, 97)
+    for metric in ("ip", "l2"):
+        s = exact_scores(x, y, metric)
+        perm = torch.randperm(500)
+        assert torch.equal(exact_scores(x[perm], y[perm], metric), s[perm])  # the batch does not matter
+        assert torch.equal(exact_scores(x[:1], y[:1], metric), s[:1])
+        ref = (
+            -(x.double() - y.double()).square().sum(1) if metric == "l2" else (x.double() * y.double()).sum(1)
+        )
+        terms = (
+            (x.double() - y.double()).square().sum(1)
+            if metric == "l2"
+            else (x.double() * y.double()).abs().sum(1)
+        )
+        depth = math.ceil(math.log2(97)) + 2
+        assert bool(((s.double() - ref).abs() <= depth * 2**-24 * terms).all())
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16-exact"])
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+def test_screening_stays_within_its_bound(precision: str, metric: str) -> None:
+    """The rigorous bound: |screened - exact| <= E + r |screened|, on data with large and mixed norms."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(64, 200, generator=g) * torch.logspace(-2, 3, 64)[:, None]
+    r = torch.randn(96, 200, generator=g) * torch.logspace(3, -2, 96)[:, None] + 0.5
+    screen = Screen(metric, precision)  # type: ignore[arg-type]
+    qp = prepare(q, metric, CPU)
+    rp = prepare(r, metric, CPU, like=qp)
+    qs, rs = screen.rows(qp), screen.rows(rp)
+    s = screen.scores(qs, rs).double()
+    e, rel = screen.bounds(qs, rs)
+    rows, cols = torch.meshgrid(torch.arange(64), torch.arange(96), indexing="ij")
+    exact = exact_scores(qp.points[rows.flatten()], rp.points[cols.flatten()], metric).double().view(64, 96)
+    assert bool(((s - exact).abs() <= e[:, None] + rel * s.abs()).all())
+
+
+def test_bf16_exact_search_is_refused_where_it_does_not_apply() -> None:
+    x = torch.randn(20, 8)
+    with pytest.raises(ValueError, match="precision"):
+        knn(x, k=3, precision="bf16")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="precision='bf16-exact' is an option of the torch backend"):
+        knn(x, x, k=3, backend="faiss", precision="bf16-exact")
+    with pytest.raises(ValueError, match="precision"):
+        RetrievalEvaluator(["recall@1"], backend="faiss", precision="bf16-exact")
+    with pytest.raises(ValueError, match="precision"):
+        RetrievalEvaluator(["recall@1"], precision="float16")  # type: ignore[arg-type]
+
+
+def test_evaluator_and_metrics_module_give_identical_values_in_bf16_exact() -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(40, 32, generator=g)
+    labels = torch.arange(40).repeat_interleave(6)
+    x = centres[labels] + 1.5 * torch.randn(240, 32, generator=g)
+    names = ["recall@1", "recall@4", "precision@1", "r_precision", "map@r"]
+    ref = RetrievalEvaluator(names)(x, labels)
+    low = RetrievalEvaluator(names, precision="bf16-exact")(x, labels)
+    assert low.metrics == ref.metrics
+    assert low.search is not None and low.search.precision == "bf16-exact"
+    assert low.search.rescored >= 240 * 5 and ref.search is not None and ref.search.precision == "float32"
+    module = RetrievalMetrics(names, precision="bf16-exact")
+    for part in range(0, 240, 70):
+        module.update(x[part : part + 70], labels[part : part + 70])
+    assert module.compute().metrics == ref.metrics
