@@ -7,13 +7,16 @@ L2-normalised embeddings with 4 samples per class:
   at most 1.5, and the largest relative difference of loss and gradient), and the kernels alone at 65,536 x
   512, where the dense (B, B) float32 logits would be 17 GB (peak loss memory, target under 1 GiB: the
   allocations above the embeddings, their gradient included);
-- CPU (or ``quick``): the torch tiles against the dense classes on a small batch: time ratio and peak
-  resident memory ratio.
+- CPU: the torch tiles against the dense classes on 1,024 x 64 (2,048 x 128 without ``quick``): time ratio
+  and peak resident memory ratio.
+
+``quick`` on CUDA: batches 2,048 and 8,192 instead.
 
     cd benchmarks && uv run python -c "import _kernel_pairwise_losses as b; print(b.bench('cpu', True))"
 
 Returns ``loss_tiled_time_ratio_8192`` and ``loss_tiled_mib_65536`` (the worst loss; per loss with a
-``_<loss>`` suffix) and ``loss_tiled_max_rel_err`` on CUDA; ``loss_tiled_time_ratio_cpu`` and
+``_<loss>`` suffix), ``loss_tiled_max_rel_err`` and, for a sweep of the gradient kernel's tiles on SupCon,
+``loss_tiled_time_ratio_8192_supcon_t<tile>_d<feature block>`` on CUDA; ``loss_tiled_time_ratio_cpu`` and
 ``loss_tiled_memory_ratio_cpu`` (dense peak / tiled peak) on the CPU.
 """
 
@@ -26,6 +29,7 @@ from collections.abc import Callable
 import torch
 from _harness import timed
 
+import objretrieval.kernels.pairwise_losses as kernels
 from objretrieval.kernels.pairwise_losses import (
     tiled_contrastive_loss,
     tiled_multi_similarity_loss,
@@ -56,11 +60,12 @@ def _step(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torc
     """forward + backward, returning (loss, gradient) on the CPU (which also synchronises)."""
 
     def run() -> tuple[torch.Tensor, torch.Tensor]:
-        x.grad = None
         loss = loss_fn(x, y)
         loss.backward()
         assert x.grad is not None
-        return loss.detach().cpu(), x.grad.cpu()
+        out = loss.detach().cpu(), x.grad.cpu()
+        x.grad = None  # so that each call's peak memory includes its gradient
+        return out
 
     return run
 
@@ -94,6 +99,31 @@ def _bench_cpu(dev: torch.device, quick: bool) -> dict[str, float]:
     return {"loss_tiled_time_ratio_cpu": max(time_ratios), "loss_tiled_memory_ratio_cpu": min(memory_ratios)}
 
 
+#: (tile rows, largest feature block, warps) of the gradient kernel, tried on SupCon (the heaviest backward):
+#: fewer feature blocks recompute the similarities less often, smaller tiles stream the columns more often.
+#: Each keeps its accumulator in registers without spills on sm_90 (ptxas -v).
+GRADIENT_TILES = [(64, 128, 8), (32, 256, 8), (16, 512, 8)]
+
+
+def _sweep_gradient_tiles(dev: torch.device, x: torch.Tensor, y: torch.Tensor, default_ratio: float):
+    """Time ratios (tiled / dense) of SupCon's Triton path under each of :data:`GRADIENT_TILES`."""
+    default_time = timed(_step(functools.partial(tiled_supcon_loss, backend="triton"), x, y), dev)[1]
+    saved = kernels._MAX_BLOCK_D, kernels._GRAD_WARPS
+    result = {}
+    try:
+        for tile, block_d, warps in GRADIENT_TILES:
+            kernels._MAX_BLOCK_D, kernels._GRAD_WARPS = block_d, warps
+            run = functools.partial(tiled_supcon_loss, backend="triton", tile_size=tile)
+            _, seconds, peak = timed(_step(run, x, y), dev, budget_s=3.0, max_runs=5)
+            # relative to the default configuration's ratio, so that the dense run is not repeated
+            ratio = default_ratio * seconds / default_time
+            _row(f"supcon: tile {tile}, feature block {block_d}, {warps} warps", seconds, peak)
+            result[f"loss_tiled_time_ratio_{x.shape[0]}_supcon_t{tile}_d{block_d}"] = ratio
+    finally:
+        kernels._MAX_BLOCK_D, kernels._GRAD_WARPS = saved
+    return result
+
+
 def _bench_cuda(dev: torch.device, quick: bool) -> dict[str, float]:
     small, large = (2048, 8192) if quick else (8192, 65536)
     result: dict[str, float] = {}
@@ -115,6 +145,7 @@ def _bench_cuda(dev: torch.device, quick: bool) -> dict[str, float]:
                 f"{torch.cuda.get_device_name(dev)!r}, {t_dense / t_tiled:.2f}, "
                 f"{datetime.date.today().isoformat()!r})"
             )
+    result.update(_sweep_gradient_tiles(dev, x, y, result[f"loss_tiled_time_ratio_{small}_supcon"]))
     del x, y
     x, y = _batch(large, DIM, dev)
     print(

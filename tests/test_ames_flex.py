@@ -259,18 +259,28 @@ def test_cuda_compiled_flex_equals_dense_with_gradients(variant: str) -> None:
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_half_precision_flex_matches_dense() -> None:
-    """float16 / bfloat16 autocast, as the AMES half-precision test: flex is as close to float32 as dense is."""
-    dense, flex = _model("dinov2").cuda(), _model("dinov2", "flex").cuda()
-    args = [a.cuda() for a in _inputs(dense, 8, 600, 50, [600, 300, 1, 600, 600, 17, 600, 5], [50] * 7 + [1])]
+def _assert_half_as_close(device: str, amp_dtypes: tuple[torch.dtype, ...], *shape: Any) -> None:
+    """Under autocast, flex differs from dense by at most twice dense's own distance to float32: both round
+    the same products, so flex must not add an error of its own."""
+    dense, flex = _model("dinov2").to(device), _model("dinov2", "flex").to(device)
+    args = [a.to(device) for a in _inputs(dense, *shape)]
     with torch.no_grad():
         exact = dense(*args)
-        for amp_dtype in (torch.float16, torch.bfloat16):
-            with torch.autocast("cuda", dtype=amp_dtype):
+        for amp_dtype in amp_dtypes:
+            with torch.autocast(device, dtype=amp_dtype):
                 half_dense, half_flex = dense(*args).float(), flex(*args).float()
             dense_error = (half_dense - exact).abs().max().item()
             assert dense_error < 0.1 * exact.abs().max().item(), amp_dtype  # the half path itself is sound
-            # both round the same products: flex differs from dense by at most dense's own rounding error
             assert (half_flex - half_dense).abs().max().item() <= 2 * dense_error + 1e-3, amp_dtype
+
+
+def test_bfloat16_autocast_flex_on_cpu() -> None:
+    _assert_half_as_close("cpu", (torch.bfloat16,), 3, 150, 40, [150, 1, 75], [40, 40, 1])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_half_precision_flex_matches_dense() -> None:
+    """float16 / bfloat16 autocast at the specs' 600 / 50 descriptors, as the AMES half-precision test."""
+    q_real = [600, 300, 1, 600, 600, 17, 600, 5]
+    _assert_half_as_close("cuda", (torch.float16, torch.bfloat16), 8, 600, 50, q_real, [50] * 7 + [1])

@@ -13,14 +13,17 @@ query with fewer than ``k`` eligible columns gets missing slots (index -1, score
 
 - The torch reference (:func:`reference_topk`) streams (query block x gallery block) products through
   ``torch.topk`` on the keys.
-- The Triton kernel runs one program per (tile of ``BLOCK_Q`` queries, chunk of the gallery). Each program
-  computes a ``(BLOCK_Q, BLOCK_N)`` score tile with ``tl.dot`` (float32 accumulator), turns it into keys and
-  merges them into its running top ``K_PAD`` (``k`` rounded up to a power of two), held in registers: the
-  tile's best ``K_PAD`` (``tl.topk``, descending) against the running list (ascending), the element-wise
-  maximum keeps the best ``K_PAD`` of both (a bitonic half-cleaner), and one bitonic merge sorts them again.
-  A tile with no key above the running list's minimum is skipped. Scores never reach memory; each program
-  writes its ``K_PAD`` keys, and ``torch.topk`` merges the (Q, chunks x K_PAD) keys: O(Q x chunks x K_PAD)
-  memory.
+- The Triton kernel runs one program per (tile of ``BLOCK_Q`` queries, chunk of the gallery). It computes
+  ``(BLOCK_Q, BLOCK_N)`` score tiles with ``tl.dot`` (float32 accumulator) and turns them into keys in
+  registers; the keys above their row's current k-th best (the *threshold*) are appended to the row's
+  candidate buffer (``BUF`` keys; most tiles add a few or none once the lists are full). When a buffer could
+  not take another tile, and at the end, a bitonic network merges each row's buffer into its running top
+  ``K_PAD`` list (``k`` rounded up to a power of two, ascending): the buffer's best ``K_PAD`` (tl.topk's
+  scheme), the element-wise maximum with the list (a bitonic half-cleaner), one bitonic merge. Lists and
+  buffers live in a per-program slice of global memory (in L2 while the program runs), never a score; the
+  registers hold one tile and one merge network of at most ``_NETWORK_KEYS`` keys, whatever ``k``. A
+  ``torch.topk`` finally merges the programs' (Q, chunks x K_PAD) lists. Memory: O(Q x chunks x (K_PAD + BUF))
+  int64 keys.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ except ImportError:  # pragma: no cover
     def constexpr_function(fn: Any) -> Any:
         return fn
 
-#: Largest ``k``: the running list of ``K_PAD = 4096`` keys per query is what one program can hold.
+
+#: Largest ``k`` (the contract of :func:`fused_topk`; beyond it one row's merge network outgrows registers).
 MAX_K = 4096
 #: Key of an excluded or padded column: below every real (score, index) key.
 MISSING_KEY = -(2**63)
@@ -54,6 +58,13 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REFERENCE_ELEMENTS = 1 << 24
 #: Programs to aim for on a GPU, per streaming multiprocessor: enough that the last wave is a small share.
 _PROGRAMS_PER_SM = 4
+#: Query rows and gallery columns of a score tile (32 x 128 at 8 warps compiles for sm_90 without spills).
+BLOCK_Q, BLOCK_N = 32, 128
+#: Most keys in one merge network (rows x BUF): 32 int64 registers per thread at 8 warps.
+_NETWORK_KEYS = 4096
+_NUM_WARPS = 8
+#: Most int64 keys of lists and buffers that the default chunking allocates (1 GiB).
+_SCRATCH_KEYS = 1 << 27
 
 
 def encode_keys(scores: Tensor, indices: Tensor) -> Tensor:
@@ -84,7 +95,7 @@ def _check_vector(x: Any, name: str, length: int, of: str, device: torch.device)
     if x.device != device:
         raise ValueError(f"{name} must be on {device} like the queries, got {x.device}")
     check_finite_values(x, name)
-    return x
+    return x.contiguous()  # the kernel reads it with unit stride
 
 
 def _check_inputs(
@@ -242,6 +253,7 @@ def _fused_topk_kernel(
     num_q,
     num_g,
     dim,
+    k,
     tiles_per_chunk,
     num_chunks,
     stride_qm,
@@ -277,11 +289,12 @@ def _fused_topk_kernel(
         q_sq = tl.load(q_sq_ptr + rows64, mask=row_ok, other=0.0)
     if HAS_EXCLUDE:
         excluded = tl.load(exclude_ptr + rows64, mask=row_ok, other=-1)
-    threshold = tl.full((BLOCK_Q,), -9223372036854775807 - 1, tl.int64)  # each list's minimum
+    threshold = tl.full((BLOCK_Q,), -9223372036854775807 - 1, tl.int64)  # each list's k-th best
     count = tl.zeros((BLOCK_Q,), dtype=tl.int32)  # keys in each buffer
     dims = tl.arange(0, BLOCK_D)
-    first = chunk * tiles_per_chunk
-    for tile in range(first, tl.minimum(first + tiles_per_chunk, tl.cdiv(num_g, BLOCK_N))):
+    first = chunk.to(tl.int64) * tiles_per_chunk  # int64 tile numbers: column offsets of huge galleries
+    stop = tl.minimum(first + tiles_per_chunk, tl.cdiv(num_g, BLOCK_N))
+    for tile in range(first, stop):
         cols64 = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_ok = cols64 < num_g
         acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
@@ -309,27 +322,24 @@ def _fused_topk_kernel(
         valid = row_ok[:, None] & col_ok[None, :]
         if HAS_EXCLUDE:
             valid = valid & (cols64[None, :] != excluded[:, None])
-        # Candidates beat their list's minimum; the rest can never enter it.
+        # Candidates beat their list's k-th best (the rest can never enter the top k): append them to the
+        # buffers. The list keeps K_PAD >= k keys; those below its k-th are never needed.
         candidate = valid & (keys > threshold[:, None])
-        fresh = tl.sum(candidate.to(tl.int32), axis=1)
-        if tl.max(count + fresh) > BUF:  # some buffer would overflow: merge all into the lists first
-            tl.debug_barrier()  # every thread's appends are visible to the merge
-            for group in tl.static_range(BLOCK_Q // ROWS):
-                group_rows = (first_row + group * ROWS + tl.arange(0, ROWS)).to(tl.int64)
-                MERGE(out_ptr, buf_ptr, group_rows * num_chunks + chunk, K_PAD, BUF, ROWS, LOG_R, LOG_K, LOG_B)
-            tl.debug_barrier()
-            threshold = tl.load(out_ptr + slots * K_PAD)  # lists are ascending
-            count = tl.zeros((BLOCK_Q,), dtype=tl.int32)
-            candidate = valid & (keys > threshold[:, None])
-            fresh = tl.sum(candidate.to(tl.int32), axis=1)
-        # Append each row's candidates at its buffer's end (BLOCK_N <= BUF: a tile always fits after a merge).
         position = count[:, None] + tl.cumsum(candidate.to(tl.int32), axis=1) - 1
         tl.store(buf_ptr + slots[:, None] * BUF + position, keys, mask=candidate)
-        count += fresh
-    tl.debug_barrier()
-    for group in tl.static_range(BLOCK_Q // ROWS):
-        group_rows = (first_row + group * ROWS + tl.arange(0, ROWS)).to(tl.int64)
-        MERGE(out_ptr, buf_ptr, group_rows * num_chunks + chunk, K_PAD, BUF, ROWS, LOG_R, LOG_K, LOG_B)
+        count += tl.sum(candidate.to(tl.int32), axis=1)
+        # Merge the buffers into the lists once one could not take another tile, and at the end. Nothing of
+        # the tile lives across the merge, which leaves the registers to its network.
+        if (tl.max(count) > BUF - BLOCK_N) | (tile == stop - 1):
+            tl.debug_barrier()  # every thread's appends are visible to the merge
+            for group in range(BLOCK_Q // ROWS):
+                group_rows = (first_row + group * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+                MERGE(
+                    out_ptr, buf_ptr, group_rows * num_chunks + chunk, K_PAD, BUF, ROWS, LOG_R, LOG_K, LOG_B
+                )
+            tl.debug_barrier()
+            threshold = tl.load(out_ptr + slots * K_PAD + K_PAD - k)  # ascending lists: the k-th best
+            count = tl.zeros((BLOCK_Q,), dtype=tl.int32)
 
 
 # Made at first use, in the mode (compiled or interpreted) TRITON_INTERPRET asks for then; the device function
@@ -337,11 +347,80 @@ def _fused_topk_kernel(
 _triton_kernel = jit(_fused_topk_kernel)
 _triton_merge = jit(_merge_lists)
 
-#: Query rows and gallery columns of a score tile, dimensions per product step.
-BLOCK_Q, BLOCK_N = 64, 128
-#: Most keys of one merge network (ROWS x BUF): 32 int64 registers per thread at 8 warps.
-_NETWORK_KEYS = 4096
-_NUM_WARPS = 8
+
+def _default_chunks(device: torch.device, q_tiles: int, keys_per_chunk: int) -> int:
+    """Gallery chunks for ``q_tiles`` query tiles: about ``_PROGRAMS_PER_SM`` programs per SM of a GPU, so
+    that a few queries still fill it, within ``_SCRATCH_KEYS`` of lists and buffers; one on a CPU (the
+    interpreter runs programs one by one)."""
+    if device.type != "cuda":
+        return 1
+    programs = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(-(-programs // q_tiles), _SCRATCH_KEYS // keys_per_chunk))
+
+
+def _launch(
+    q: Tensor,
+    g: Tensor,
+    k: int,
+    q_sq: Tensor | None,
+    g_sq: Tensor | None,
+    exclude: Tensor | None,
+    num_chunks: int | None,
+) -> tuple[tuple[int, int], tuple[Any, ...], dict[str, Any]]:
+    """(grid, positional arguments, constexpr and launch options) of the kernel; the first of its tensor
+    arguments after the inputs is the (rows, chunks, K_PAD) list tensor, which holds the result."""
+    num_q, num_g = q.shape[0], g.shape[0]
+    k_pad = 1 << (k - 1).bit_length()
+    buf = max(k_pad, 2 * BLOCK_N)  # room for the buffer's top-k, and for a tile after a merge is due
+    rows = max(1, min(BLOCK_Q, _NETWORK_KEYS // buf))
+    num_tiles, q_tiles = -(-num_g // BLOCK_N), -(-num_q // BLOCK_Q)
+    if num_chunks is None:
+        num_chunks = _default_chunks(q.device, q_tiles, q_tiles * BLOCK_Q * (k_pad + buf))
+    tiles_per_chunk = -(-num_tiles // min(num_chunks, num_tiles))
+    num_chunks = -(-num_tiles // tiles_per_chunk)  # no empty chunk
+    # Rows padded to whole query tiles, so that the merges need no row masks.
+    lists = torch.full(
+        (q_tiles * BLOCK_Q, num_chunks, k_pad), MISSING_KEY, dtype=torch.int64, device=q.device
+    )
+    buffers = torch.full(
+        (q_tiles * BLOCK_Q, num_chunks, buf), MISSING_KEY, dtype=torch.int64, device=q.device
+    )
+    args = (
+        q,
+        g,
+        lists if q_sq is None else q_sq,  # (pointer arguments that a constexpr flag disables)
+        lists if g_sq is None else g_sq,
+        lists if exclude is None else exclude,
+        lists,
+        buffers,
+        num_q,
+        num_g,
+        q.shape[1],
+        k,
+        tiles_per_chunk,
+        num_chunks,
+        q.stride(0),
+        q.stride(1),
+        g.stride(0),
+        g.stride(1),
+    )
+    meta = {
+        "MERGE": _triton_merge(),
+        "HAS_NORMS": q_sq is not None,
+        "HAS_EXCLUDE": exclude is not None,
+        "PRECISION": "ieee",  # float32 inputs: true float32 products, not TF32 (no effect on half inputs)
+        "K_PAD": k_pad,
+        "BUF": buf,
+        "BLOCK_Q": BLOCK_Q,
+        "BLOCK_N": BLOCK_N,
+        "BLOCK_D": 32 if q.dtype == torch.float32 else 64,
+        "ROWS": rows,
+        "LOG_R": rows.bit_length() - 1,
+        "LOG_K": k_pad.bit_length() - 1,
+        "LOG_B": buf.bit_length() - 1,
+        "num_warps": _NUM_WARPS,
+    }
+    return (q_tiles, num_chunks), args, meta
 
 
 def _triton_keys(
@@ -354,54 +433,10 @@ def _triton_keys(
     num_chunks: int | None,
 ) -> Tensor:
     """(Q, k) best keys, descending, by the fused kernel and a ``torch.topk`` over its partial lists."""
-    num_q, num_g = q.shape[0], g.shape[0]
-    k_pad = 1 << (k - 1).bit_length()
-    buf = max(k_pad, 2 * BLOCK_N)  # at least one tile's candidates, and room for the buffer's top-k
-    rows = max(1, min(BLOCK_Q, _NETWORK_KEYS // buf))
-    num_tiles = -(-num_g // BLOCK_N)
-    q_tiles = -(-num_q // BLOCK_Q)
-    if num_chunks is None:  # enough programs to keep every SM busy; one chunk under the interpreter
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        num_chunks = -(-_PROGRAMS_PER_SM * sms // q_tiles)
-    num_chunks = max(1, min(num_chunks, num_tiles))
-    tiles_per_chunk = -(-num_tiles // num_chunks)
-    num_chunks = -(-num_tiles // tiles_per_chunk)  # no empty chunk
-    # Rows padded to whole query tiles, so that the merges need no row masks.
-    out = torch.full((q_tiles * BLOCK_Q, num_chunks, k_pad), MISSING_KEY, dtype=torch.int64, device=q.device)
-    buffers = torch.full((q_tiles * BLOCK_Q, num_chunks, buf), MISSING_KEY, dtype=torch.int64, device=q.device)
-    _triton_kernel()[(q_tiles, num_chunks)](
-        q,
-        g,
-        out if q_sq is None else q_sq,  # (pointer arguments that a constexpr flag disables)
-        out if g_sq is None else g_sq,
-        out if exclude is None else exclude,
-        out,
-        buffers,
-        num_q,
-        num_g,
-        q.shape[1],
-        tiles_per_chunk,
-        num_chunks,
-        q.stride(0),
-        q.stride(1),
-        g.stride(0),
-        g.stride(1),
-        MERGE=_triton_merge(),
-        HAS_NORMS=q_sq is not None,
-        HAS_EXCLUDE=exclude is not None,
-        PRECISION="ieee",  # float32 inputs: true float32 products, not TF32 (no effect on half inputs)
-        K_PAD=k_pad,
-        BUF=buf,
-        BLOCK_Q=BLOCK_Q,
-        BLOCK_N=BLOCK_N,
-        BLOCK_D=32 if q.dtype == torch.float32 else 64,
-        ROWS=rows,
-        LOG_R=rows.bit_length() - 1,
-        LOG_K=k_pad.bit_length() - 1,
-        LOG_B=buf.bit_length() - 1,
-        num_warps=_NUM_WARPS,
-    )
-    return out[:num_q].view(num_q, num_chunks * k_pad).topk(k, dim=1).values
+    grid, args, meta = _launch(q, g, k, q_sq, g_sq, exclude, num_chunks)
+    _triton_kernel()[grid](*args, **meta)
+    lists = args[5]
+    return lists[: q.shape[0]].flatten(1).topk(k, dim=1).values
 
 
 def fused_topk(
@@ -431,8 +466,8 @@ def fused_topk(
         backend: ``"triton"`` (the kernel: CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``),
             ``"torch"`` (:func:`reference_topk`) or ``"auto"`` (the kernel only on a GPU where it was
             measured faster).
-        num_chunks: gallery chunks searched by separate programs (Triton only); None: about
-            ``4 x SMs / query tiles`` on a GPU, one under the interpreter.
+        num_chunks: gallery chunks searched by separate programs (Triton only), each with its own lists and
+            buffers; None: about ``4 x SMs / query tiles`` on a GPU within 1 GiB of them, one on a CPU.
 
     Returns:
         (Q, k) float32 scores, descending, and (Q, k) int64 indices, equal scores in ascending index; a query

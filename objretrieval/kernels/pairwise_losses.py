@@ -17,8 +17,9 @@ Two implementations of the tile steps share everything else:
 
 - ``"torch"``: row panels of ``tile_size`` rows against all columns, on any device, in the compute dtype
   (float32; float64 stays float64, for gradient checks); the reference of the kernels;
-- ``"triton"``: one program per (row tile, feature block), looping over column tiles with ``tl.dot``
-  (float32 accumulation, ``tf32x3`` products: float32 accuracy on tensor cores); float32 only.
+- ``"triton"``: a statistics kernel (one program per row tile) and a gradient kernel (one per row tile and
+  feature block), each looping over the column tiles with ``tl.dot`` (float32 accumulation, ``tf32x3``
+  products: float32 accuracy on tensor cores); float32 only.
 
 ``backend`` is resolved by :func:`~objretrieval.kernels.dispatch.resolve_backend` under the kernel name
 ``"pairwise_loss"``: ``"auto"`` runs the torch panels, CPU always, until a GPU benchmark measures the kernel
