@@ -14,14 +14,16 @@ shapes), otherwise its torch reference path (``backend="torch"``) is what is tim
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from objretrieval.kernels import knn as knn_kernel
 from objretrieval.kernels.dispatch import triton_interpreting
 from objretrieval.kernels.knn import fused_topk
 
@@ -113,6 +115,42 @@ def bench(device: str, quick: bool) -> dict[str, float]:
             if tag == dtypes[0]:  # bf16 where timed: the headline numbers
                 result[f"knn_fused_speedup_k{k}"] = ref_s / fused_s
                 result[f"knn_fused_peak_fraction_k{k}"] = peak if dev.type == "cuda" else float("nan")
+    if dev.type == "cuda":
+        q, g = queries.to(dev, torch.bfloat16), gallery.to(dev, torch.bfloat16)
+        result.update(_tile_sweep(q, g, timer, repeats, flops))
     for key in ("knn_fused_speedup_k100", "knn_fused_speedup_k1024", "knn_fused_peak_fraction_k100"):
         result.setdefault(key, float("nan"))  # the headline items exist in every setting
+    return result
+
+
+#: (BLOCK_Q, BLOCK_N, num_warps) tried by the GPU run; the first is the module's default. Tiles of 64 query
+#: rows let Triton use Hopper's wgmma, but spill registers at sm_90 compile time: only a GPU can tell.
+TILES = ((32, 128, 8), (64, 128, 8), (64, 64, 4), (16, 128, 4), (32, 64, 4))
+
+
+@contextlib.contextmanager
+def _tiles(block_q: int, block_n: int, num_warps: int) -> Iterator[None]:
+    """The kernel module's tile constants set for the duration of the block."""
+    saved = knn_kernel.BLOCK_Q, knn_kernel.BLOCK_N, knn_kernel._NUM_WARPS
+    knn_kernel.BLOCK_Q, knn_kernel.BLOCK_N, knn_kernel._NUM_WARPS = block_q, block_n, num_warps
+    try:
+        yield
+    finally:
+        knn_kernel.BLOCK_Q, knn_kernel.BLOCK_N, knn_kernel._NUM_WARPS = saved
+
+
+def _tile_sweep(
+    q: torch.Tensor, g: torch.Tensor, timer: Callable, repeats: int, flops: int
+) -> dict[str, float]:
+    """Seconds of the kernel at k = 100 (bfloat16) for each of :data:`TILES`, to choose the default from."""
+    print("  tile sweep, bf16, k=100 (BLOCK_Q x BLOCK_N, warps):")
+    result = {}
+    for block_q, block_n, num_warps in TILES:
+        with _tiles(block_q, block_n, num_warps):
+            _, seconds = timer(functools.partial(fused_topk, q, g, 100), repeats)
+        tflops = flops / seconds / 1e12
+        print(
+            f"    {block_q:>3} x {block_n:<4} {num_warps:>2} warps {seconds * 1e3:9.2f} ms {tflops:8.2f} TFLOP/s"
+        )
+        result[f"knn_fused_tile{block_q}x{block_n}w{num_warps}_k100_s"] = seconds
     return result

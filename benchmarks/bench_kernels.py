@@ -6,7 +6,10 @@ The script a first GPU run executes. It reports, with the median and spread of t
   checking that both return identical neighbours; the speed-up is what ``MEASURED`` in
   ``objretrieval/kernels/dispatch.py`` records per device;
 - ``objretrieval.search.knn`` (inner product, gallery on the device) vs ``torch.mm`` + ``torch.topk`` on the
-  same inputs, in bfloat16 and float32, at each k: the baseline a fused kNN kernel must beat.
+  same inputs, in bfloat16 and float32, at each k: the baseline a fused kNN kernel must beat;
+- then each kernel's own section (``--sections``): the fused kNN top-k kernel, the tiled pairwise losses,
+  AMES on FlexAttention and the fused AVSL distance, each against its torch/cuBLAS reference on the issue's
+  shapes (``benchmarks/_kernel_*.py``).
 
 Throughput is given as a fraction of the H200's peaks where that means something: dense bf16 products
 against 989 TFLOP/s, and the Hamming distance matrix (Q x N int32, written once: a lower bound on its memory
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import importlib
 import math
 import statistics
 import time
@@ -40,6 +44,14 @@ PEAK_BF16_FLOPS = 989e12  # H200 dense bf16 tensor-core peak
 PEAK_HBM_BYTES = 4.8e12  # H200 HBM3e bandwidth
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 NAN = float("nan")
+
+#: The other kernels' benchmark sections, ``bench(device, quick) -> RESULT items`` each (benchmarks/_kernel_*.py).
+SECTIONS = {
+    "fused_knn": "_kernel_knn",
+    "pairwise_losses": "_kernel_pairwise_losses",
+    "ames_attention": "_kernel_ames_attention",
+    "avsl": "_kernel_avsl",
+}
 
 #: (full, --quick) defaults of every size option.
 SIZES: dict[str, tuple[Any, Any]] = {
@@ -228,6 +240,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated subset of bf16,fp32")
     parser.add_argument("--skip-hamming", action="store_true")
     parser.add_argument("--skip-knn", action="store_true")
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated kernel sections after Hamming and kNN (default all: {','.join(SECTIONS)})",
+    )
     parser.add_argument("--budget", type=float, default=None, help="seconds of repeats per call (3, 1 quick)")
     parser.add_argument("--max-runs", type=int, default=5)
     args = parser.parse_args()
@@ -236,6 +253,9 @@ def parse_args() -> argparse.Namespace:
             setattr(args, name, quick if args.quick else full)
     args.knn_k = [int(k) for k in str(args.knn_k).split(",")]
     args.dtypes = args.dtypes.split(",")
+    args.sections = [x for x in args.sections.split(",") if x]
+    if not set(args.sections) <= set(SECTIONS):
+        parser.error(f"--sections must be a subset of {','.join(SECTIONS)}, got {','.join(args.sections)}")
     if args.budget is None:
         args.budget = 1.0 if args.quick else 3.0
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -273,6 +293,10 @@ def main() -> None:
         result.update(bench_hamming(args, device, timer))
     if not args.skip_knn:
         result.update(bench_knn(args, device, timer))
+    for section in args.sections:  # each kernel's own module: its shapes, reference and RESULT items
+        print(f"\n== {section} ==")
+        module = importlib.import_module(SECTIONS[section])
+        result.update(module.bench(args.device, args.quick))
     result["max_spread"] = nanmax([v for key, v in result.items() if key.endswith("_spread")])
     print(f"\nnoise: the largest (max - min) / median over any call's repeats was {result['max_spread']:.1%}")
     print("RESULT " + " ".join(f"{key}={value:.4g}" for key, value in result.items()))

@@ -5,8 +5,6 @@ subprocess, since Triton reads TRITON_INTERPRET when the kernel is defined) agai
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import torch
 from objretrieval.kernels.avsl import avsl_distance
 from objretrieval.models import AVSL, AttributableSimilarity, AVSLFeatures, AVSLScorer
 from objretrieval.search import pairwise_knn
+from tests.interpreter import run_interpreted
 from tests.test_avsl import _naive_distance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,13 +137,8 @@ def triton_checks() -> None:
 
 
 def test_triton_kernel_under_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    code = "from tests.test_kernels_avsl import triton_checks; triton_checks()"
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"avsl triton checks passed: {len(CASES) + 2}" in proc.stdout
+    out = run_interpreted("from tests.test_kernels_avsl import triton_checks; triton_checks()")
+    assert f"avsl triton checks passed: {len(CASES) + 2}" in out
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

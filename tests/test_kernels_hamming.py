@@ -5,8 +5,6 @@ subprocess, since Triton reads TRITON_INTERPRET when the kernel is defined) agai
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import torch
 
 from objretrieval.kernels import hamming_distances, hamming_topk
 from objretrieval.kernels.hamming import DEFAULT_BLOCK_SIZE
+from tests.interpreter import run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,13 +126,8 @@ def test_numpy_codes_accepted() -> None:
 
 
 def test_triton_kernel_under_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    code = "from tests.test_kernels_hamming import triton_checks; triton_checks()"
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"triton checks passed: {len(CASES) + 1}" in proc.stdout
+    out = run_interpreted("from tests.test_kernels_hamming import triton_checks; triton_checks()")
+    assert f"triton checks passed: {len(CASES) + 1}" in out
 
 
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,6 +25,7 @@ from objretrieval.kernels.pairwise_losses import (
 )
 from objretrieval.losses import ContrastiveLoss, MultiSimilarityLoss, SupConLoss
 from objretrieval.miners import MultiSimilarityMiner
+from tests.interpreter import run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -382,13 +383,8 @@ def triton_checks() -> None:
 
 
 def test_triton_kernels_under_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    code = "from tests.test_kernels_pairwise_losses import triton_checks; triton_checks()"
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"triton checks passed: {len(TRITON_CASES) + 1}" in proc.stdout
+    out = run_interpreted("from tests.test_kernels_pairwise_losses import triton_checks; triton_checks()")
+    assert f"triton checks passed: {len(TRITON_CASES) + 1}" in out
 
 
 #: (kernel, constexpr values): every branch of both kernels, LOSS 0 contrastive, 1 multi-similarity, 2 SupCon,

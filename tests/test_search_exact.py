@@ -155,3 +155,49 @@ def test_evaluator_and_metrics_module_give_identical_values_in_bf16_exact() -> N
     for part in range(0, 240, 70):
         module.update(x[part : part + 70], labels[part : part + 70])
     assert module.compute().metrics == ref.metrics
+
+
+def kernel_backend_checks() -> None:
+    """knn(backend="triton") equals the torch backend bit for bit; run under the Triton interpreter."""
+    import os
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    g = torch.Generator().manual_seed(0)
+    x, gallery = torch.randn(23, 16, generator=g), torch.randn(150, 16, generator=g)
+    gallery[1::3] = gallery[0::3][:50]  # exact ties
+    exclude = torch.randint(-1, 150, (23,), generator=g)
+    runs = 0
+    for metric in ("cosine", "ip", "l2"):
+        for precision in ("float32", "bf16-exact"):
+            for gal, ex, k in ((gallery, None, 7), (None, None, 7), (gallery, exclude, 60)):
+                stats = SearchStats()
+                got = knn(
+                    x, gal, k=k, metric=metric, exclude=ex, backend="triton", precision=precision, stats=stats
+                )
+                want = knn(x, gal, k=k, metric=metric, exclude=ex)
+                assert torch.equal(got.indices, want.indices), (metric, precision, k)
+                assert torch.equal(got.scores, want.scores), (metric, precision, k)
+                assert stats.rescored >= x.shape[0] * k
+                runs += 1
+    print(f"kernel backend checks passed: {runs}")
+
+
+def test_kernel_backend_equals_the_torch_backend_under_the_interpreter() -> None:
+    from tests.interpreter import run_interpreted
+
+    out = run_interpreted(
+        "from tests.test_search_exact import kernel_backend_checks; kernel_backend_checks()"
+    )
+    assert "kernel backend checks passed: 18" in out
+
+
+def test_kernel_backend_refuses_what_it_cannot_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(10, 4)
+    with pytest.raises(TypeError, match="gallery tensor"):
+        knn(x, iter([x]), k=2, backend="triton")
+    with pytest.raises(ValueError, match="progress"):
+        knn(x, x, k=2, backend="triton", progress=True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            knn(x, x, k=2, backend="triton")

@@ -1,4 +1,4 @@
-"""Triton kernels, each beside the torch reference it is tested against.
+"""Triton kernels, each beside the torch reference it is tested against (see the Kernels docs page).
 
 ```python
 import torch
@@ -9,7 +9,22 @@ distances, indices = hamming_topk(codes[:3], codes, k=5)     # nearest codes by 
 ```
 """
 
+from objretrieval.kernels.avsl import avsl_distance
 from objretrieval.kernels.dispatch import MEASURED, KernelBackend, Measurement, resolve_backend
 from objretrieval.kernels.hamming import hamming_distances, hamming_topk
+from objretrieval.kernels.knn import fused_topk
+from objretrieval.kernels.pairwise_losses import tiled_contrastive_loss, tiled_multi_similarity_loss, tiled_supcon_loss
 
-__all__ = ["MEASURED", "KernelBackend", "Measurement", "hamming_distances", "hamming_topk", "resolve_backend"]
+__all__ = [
+    "MEASURED",
+    "KernelBackend",
+    "Measurement",
+    "avsl_distance",
+    "fused_topk",
+    "hamming_distances",
+    "hamming_topk",
+    "resolve_backend",
+    "tiled_contrastive_loss",
+    "tiled_multi_similarity_loss",
+    "tiled_supcon_loss",
+]

@@ -60,7 +60,7 @@ _REFERENCE_ELEMENTS = 1 << 24
 _PROGRAMS_PER_SM = 4
 #: Query rows and gallery columns of a score tile (32 x 128 at 8 warps compiles for sm_90 without spills).
 BLOCK_Q, BLOCK_N = 32, 128
-#: Most keys in one merge network (rows x BUF): 32 int64 registers per thread at 8 warps.
+#: Most keys in one merge network (rows x BUF): 16 int64 keys, 32 registers, per thread at 8 warps.
 _NETWORK_KEYS = 4096
 _NUM_WARPS = 8
 #: Most int64 keys of lists and buffers that the default chunking allocates (1 GiB).
@@ -419,6 +419,8 @@ def _launch(
         "LOG_K": k_pad.bit_length() - 1,
         "LOG_B": buf.bit_length() - 1,
         "num_warps": _NUM_WARPS,
+        # The scores' 2 acc - |g|^2 needs no contraction (2 acc is exact); say so, for the same code anywhere.
+        "enable_fp_fusion": False,
     }
     return (q_tiles, num_chunks), args, meta
 

@@ -10,8 +10,9 @@ from torch import Tensor
 from objretrieval._validation import check_choice, check_number
 from objretrieval.batch import LabelComparison, PairCounts
 from objretrieval.kernels.dispatch import KernelBackend
-from objretrieval.kernels.pairwise_losses import check_tiled_call, tiled_contrastive_loss, tiled_options
-from objretrieval.losses.base import MetricLoss, PairBatch, Reduction, reduction_divisor
+from objretrieval.kernels.pairwise_losses import tiled_contrastive_loss, tiled_options
+from objretrieval.losses.base import PairBatch, Reduction, reduction_divisor
+from objretrieval.losses.tiled import TiledPairLoss
 
 
 def _half(active: Tensor, mask: Tensor, hinge: Tensor, weight: Tensor | None, reduction: Reduction):
@@ -111,7 +112,7 @@ def similarity_regularizer(similarity: Tensor, target: float) -> Tensor:
     return (similarity.mean() - target).square()
 
 
-class ContrastiveLoss(MetricLoss):
+class ContrastiveLoss(TiledPairLoss):
     """Contrastive loss with margins on cosine similarity, averaged over the violating pairs.
 
     ``mean_{S_ij < m+} (m+ - S_ij) + mean_{S_ij > m-} (S_ij - m-)`` over positive / negative pairs (self-pairs
@@ -166,23 +167,7 @@ class ContrastiveLoss(MetricLoss):
         self.reduction: Reduction = check_choice(reduction, "reduction", Reduction)
         self.backend, self.tiled, self.tile_size = tiled_options(backend, tiled, tile_size, label_comparison)
 
-    def forward(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        indices_tuple: Any = None,
-        ref_emb: Tensor | None = None,
-        ref_labels: Tensor | None = None,
-        *,
-        ref_self_index: Tensor | None = None,
-    ) -> Tensor:
-        if not self.tiled:
-            return super().forward(
-                embeddings, labels, indices_tuple, ref_emb, ref_labels, ref_self_index=ref_self_index
-            )
-        # the tiled path never builds the (N, N) masks that the base class's forward checks
-        unsupported = {"indices_tuple": indices_tuple, "ref_emb": ref_emb, "ref_labels": ref_labels}
-        check_tiled_call(self, labels, **unsupported, ref_self_index=ref_self_index)
+    def tiled_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return tiled_contrastive_loss(
             embeddings,
             labels,

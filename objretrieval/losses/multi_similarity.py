@@ -9,12 +9,13 @@ from torch import Tensor
 from objretrieval._validation import check_choice, check_number
 from objretrieval.batch import LabelComparison
 from objretrieval.kernels.dispatch import KernelBackend
-from objretrieval.kernels.pairwise_losses import check_tiled_call, tiled_multi_similarity_loss, tiled_options
-from objretrieval.losses.base import MetricLoss, PairBatch, Reduction, masked_log1p_sum_exp, reduction_divisor
+from objretrieval.kernels.pairwise_losses import tiled_multi_similarity_loss, tiled_options
+from objretrieval.losses.base import PairBatch, Reduction, masked_log1p_sum_exp, reduction_divisor
+from objretrieval.losses.tiled import TiledPairLoss
 from objretrieval.miners.multi_similarity import MultiSimilarityMiner
 
 
-class MultiSimilarityLoss(MetricLoss):
+class MultiSimilarityLoss(TiledPairLoss):
     """``(1/alpha) log(1 + sum_pos e^{-alpha (S - base)}) + (1/beta) log(1 + sum_neg e^{beta (S - base)})``.
 
     Per anchor over its positive and negative pairs (the mined ones, with
@@ -68,23 +69,7 @@ class MultiSimilarityLoss(MetricLoss):
         self.miner = None if epsilon is None else MultiSimilarityMiner(epsilon)
         self.backend, self.tiled, self.tile_size = tiled_options(backend, tiled, tile_size, label_comparison)
 
-    def forward(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        indices_tuple: Any = None,
-        ref_emb: Tensor | None = None,
-        ref_labels: Tensor | None = None,
-        *,
-        ref_self_index: Tensor | None = None,
-    ) -> Tensor:
-        if not self.tiled:
-            return super().forward(
-                embeddings, labels, indices_tuple, ref_emb, ref_labels, ref_self_index=ref_self_index
-            )
-        # the tiled path never builds the (N, N) masks that the base class's forward checks
-        unsupported = {"indices_tuple": indices_tuple, "ref_emb": ref_emb, "ref_labels": ref_labels}
-        check_tiled_call(self, labels, **unsupported, ref_self_index=ref_self_index)
+    def tiled_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return tiled_multi_similarity_loss(
             embeddings,
             labels,

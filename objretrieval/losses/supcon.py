@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from objretrieval._validation import check_choice, check_number
 from objretrieval.batch import LabelComparison
 from objretrieval.kernels.dispatch import KernelBackend
-from objretrieval.kernels.pairwise_losses import check_tiled_call, tiled_options, tiled_supcon_loss
-from objretrieval.losses.base import MetricLoss, PairBatch, Reduction, reduction_divisor
+from objretrieval.kernels.pairwise_losses import tiled_options, tiled_supcon_loss
+from objretrieval.losses.base import PairBatch, Reduction, reduction_divisor
+from objretrieval.losses.tiled import TiledPairLoss
 
 
 def supervised_contrastive(
@@ -59,7 +58,7 @@ def supervised_contrastive(
     return per_anchor.sum() / divisor
 
 
-class SupConLoss(MetricLoss):
+class SupConLoss(TiledPairLoss):
     """Supervised contrastive loss (SupCon): each anchor's positives against all of its pairs, in a softmax.
 
     With cosine similarities ``S`` of the L2-normalised embeddings and logits ``l = S / temperature``, anchor
@@ -111,23 +110,7 @@ class SupConLoss(MetricLoss):
                 f"reduction 'mean_nonzero' only, got {reduction!r}; use backend='torch', tiled=False"
             )
 
-    def forward(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        indices_tuple: Any = None,
-        ref_emb: Tensor | None = None,
-        ref_labels: Tensor | None = None,
-        *,
-        ref_self_index: Tensor | None = None,
-    ) -> Tensor:
-        if not self.tiled:
-            return super().forward(
-                embeddings, labels, indices_tuple, ref_emb, ref_labels, ref_self_index=ref_self_index
-            )
-        # the tiled path never builds the (N, N) masks that the base class's forward checks
-        unsupported = {"indices_tuple": indices_tuple, "ref_emb": ref_emb, "ref_labels": ref_labels}
-        check_tiled_call(self, labels, **unsupported, ref_self_index=ref_self_index)
+    def tiled_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return tiled_supcon_loss(
             embeddings, labels, temperature=self.temperature, tile_size=self.tile_size, backend=self.backend
         )

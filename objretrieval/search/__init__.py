@@ -11,6 +11,7 @@ scores, indices = pairwise_knn(AVSLScorer(avsl, features), k=10, exclude_self=Tr
 ```
 """
 
+from objretrieval.search.exact import PRECISIONS, Precision, SearchStats, exact_scores
 from objretrieval.search.faiss_backend import FaissOptions
 from objretrieval.search.knn import Backend, Neighbors, knn
 from objretrieval.search.pairwise import BlockScorer, PairwiseScorer, pairwise_knn, score_candidates
@@ -19,6 +20,7 @@ from objretrieval.search.sources import BlockSource, GalleryLike
 
 __all__ = [
     "METRICS",
+    "PRECISIONS",
     "Backend",
     "BlockScorer",
     "BlockSource",
@@ -27,6 +29,9 @@ __all__ = [
     "Metric",
     "Neighbors",
     "PairwiseScorer",
+    "Precision",
+    "SearchStats",
+    "exact_scores",
     "knn",
     "pairwise_knn",
     "score_candidates",

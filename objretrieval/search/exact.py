@@ -149,6 +149,11 @@ class ScreenRows(NamedTuple):
     def points(self) -> Tensor:
         return self.prepared.points
 
+    @property
+    def operand(self) -> Tensor:
+        """What the screening products read: the bfloat16 copy, else the prepared float32 rows."""
+        return self.prepared.vectors if self.low is None else self.low
+
 
 @dataclass(frozen=True)
 class Screen:
@@ -257,11 +262,11 @@ def thresholds(kth: Tensor, bound: tuple[Tensor, float]) -> Tensor:
 
 
 class ColumnGroups(NamedTuple):
-    """The columns of a block in ``count`` groups of ``size`` (group j: columns ``j * stride + t * step``),
+    """The columns of a block in ``number`` groups of ``size`` (group j: columns ``j * stride + t * step``),
     laid out so that their maxima reduce along the block's memory order, and those maxima."""
 
-    maxima: Tensor  # (rows, count)
-    count: int
+    maxima: Tensor  # (rows, number)
+    number: int
     size: int
     stride: int
     step: int
@@ -269,22 +274,22 @@ class ColumnGroups(NamedTuple):
     @staticmethod
     def of(block: Tensor) -> ColumnGroups | None:
         """Groups of 32 columns (None for blocks under 64 columns, searched whole). A row-major block groups
-        every ``count``-th column (an outer reduction: vectorised, also for bfloat16); a transposed view
+        every ``number``-th column (an outer reduction: vectorised, also for bfloat16); a transposed view
         groups consecutive columns, which are rows of the matrix it views."""
         n_cols = block.shape[1]
         if n_cols < 2 * _CHUNK:
             return None
-        count = n_cols // _CHUNK
-        width = count * _CHUNK
+        number = n_cols // _CHUNK
+        width = number * _CHUNK
         if block.stride(0) == 1 and block.stride(1) != 1:  # transposed view: reduce over its rows instead
-            maxima = block.T[:width].unflatten(0, (count, _CHUNK)).amax(dim=1).T
-            return ColumnGroups(maxima, count, _CHUNK, _CHUNK, 1)
-        maxima = block[:, :width].unflatten(1, (_CHUNK, count)).amax(dim=1)
-        return ColumnGroups(maxima, count, _CHUNK, 1, count)
+            maxima = block.T[:width].unflatten(0, (number, _CHUNK)).amax(dim=1).T
+            return ColumnGroups(maxima, number, _CHUNK, _CHUNK, 1)
+        maxima = block[:, :width].unflatten(1, (_CHUNK, number)).amax(dim=1)
+        return ColumnGroups(maxima, number, _CHUNK, 1, number)
 
     @property
     def width(self) -> int:
-        return self.count * self.size
+        return self.number * self.size
 
 
 def entries_at_least(
@@ -405,7 +410,7 @@ class ExactTopK:
         large) or, with fewer than k groups, its k-th screened score; minus the bound."""
         if block.shape[1] < self.k:
             return torch.full((len(rows),), float("-inf"), device=block.device)
-        if groups is not None and groups.count >= self.k:
+        if groups is not None and groups.number >= self.k:
             source = groups.maxima[rows]
         else:
             source = block if rows.numel() == block.shape[0] else block[rows]
@@ -453,6 +458,53 @@ class _Scorer:
         )
         st.scores[at] = merged_scores[:, : st.k]
         st.indices[at] = merged_indices[:, : st.k]
+
+
+def exact_topk_of_candidates(
+    q: ScreenRows,
+    g: ScreenRows,
+    screened: Tensor,
+    candidates: Tensor,
+    k: int,
+    screen: Screen,
+    available: int,
+    stats: SearchStats | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The exact top-k of each query among its screened ``candidates``, and the queries it is not proven for.
+
+    For screening that returns each row's best ``K'`` pairs at once (a fused kernel) rather than blocks: the
+    candidates are scored exactly and ranked; a row is *certified* when ``K' >= available`` or its ``K'``-th
+    screened score plus the bound stays below its k-th exact score, since every other pair screened at most
+    that. The caller searches the other rows again (e.g. with the block engine).
+
+    Args:
+        q, g: the screening rows of the queries and of the whole gallery.
+        screened: (Q, K') screened scores, descending; -inf for a missing slot.
+        candidates: (Q, K') gallery indices, -1 for a missing slot.
+        k: neighbours per query (<= K').
+        screen: the screening's precision and metric, for its bound.
+        available: gallery items each query may retrieve.
+        stats: optional counts.
+
+    Returns:
+        (Q, k) exact scores and indices, and the (R,) int64 rows that are not certified.
+    """
+    n_rows, width = candidates.shape
+    valid = candidates >= 0
+    rows = torch.arange(n_rows, device=candidates.device)[:, None].expand_as(candidates)[valid]
+    exact = torch.full(candidates.shape, float("-inf"), device=candidates.device)
+    exact[valid] = exact_pair_scores(q.points, g.points, rows, candidates[valid], screen.metric)
+    if stats is not None:
+        stats.rescored += int(valid.sum())
+    scores, indices = sort_by_score_then_index(exact, candidates)
+    scores, indices = scores[:, :k].contiguous(), indices[:, :k].contiguous()
+    if width >= available:
+        return scores, indices, torch.empty(0, dtype=torch.int64, device=candidates.device)
+    last = screened[:, -1].double()
+    e, relative = screen.bounds(q, g)
+    reach = last + relative * last.abs() + e.to(last.device)
+    open_rows = ~(reach < scores[:, -1].double())
+    return scores, indices, open_rows.nonzero().squeeze(1)
 
 
 def search_blocks(

@@ -20,6 +20,7 @@ from objretrieval.search.exact import (
     Precision,
     Screen,
     SearchStats,
+    exact_topk_of_candidates,
     search_blocks,
     self_search,
 )
@@ -30,7 +31,9 @@ from objretrieval.search.sources import BlockSource, GalleryLike
 if TYPE_CHECKING:  # imported lazily at run time: objretrieval.distributed builds on this module
     from objretrieval.distributed.world import Group
 
-Backend = Literal["torch", "faiss"]
+Backend = Literal["torch", "faiss", "triton"]
+#: Extra candidates the fused kernel returns per query beyond k, so that most rows are certified at once.
+_KERNEL_EXTRA = 32
 _MAX_GALLERY = 2**32 - 2  # gallery indices share an int64 sort key with the score (see topk.py)
 
 
@@ -102,7 +105,11 @@ def knn(
             (squared Euclidean distance; nearly coincident pairs, where the matrix-product formula cancels,
             are recomputed from their differences).
         exclude: optional (Q,) int64 gallery index to exclude for each query, -1 for none.
-        backend: ``"torch"`` (exact, CPU or CUDA) or ``"faiss"`` (CPU; exact or approximate, see ``faiss``).
+        backend: ``"torch"`` (exact, CPU or CUDA), ``"faiss"`` (CPU; exact or approximate, see ``faiss``) or
+            ``"triton"``: the fused similarity + top-k kernel (:func:`objretrieval.kernels.knn.fused_topk`;
+            CUDA tensors, or the Triton interpreter) screens a gallery tensor, its candidates are scored
+            exactly and rows it cannot prove are searched again by the torch engine: the torch backend's
+            results, bit for bit.
         faiss: options of the faiss backend (index type, ``nprobe``, ``ef_search``, ``train_size``); only with
             ``backend="faiss"``, where ``None`` means ``FaissOptions()``, an exact flat index.
         block_size: gallery rows per block; by default 4096, or more for small query sets so that each score
@@ -162,6 +169,11 @@ def knn(
     options = resolve_faiss_options(backend, faiss)
     if options is not None and precision != "float32":
         raise ValueError(f"precision={precision!r} is an option of the torch backend, not of faiss")
+    if backend == "triton":
+        if not isinstance(gallery, (Tensor, type(None))):
+            raise TypeError(f"backend='triton' searches a gallery tensor, got {type(gallery).__name__}")
+        if progress:
+            raise ValueError("progress is not available with backend='triton' (one kernel call)")
     screen = Screen(metric, precision)
     if stats is not None:
         stats.precision, stats.queries = precision, stats.queries + q.shape[0]
@@ -173,6 +185,8 @@ def knn(
                 "exclude cannot be combined with gallery=None, which already excludes each query"
             )
         check_k(k, q.shape[0] - 1, "the queries minus the excluded query itself")
+        if backend == "triton":
+            return _kernel_knn(q, None, k, metric, None, screen, compute_device, block_size, stats)
         if options is None:
             state = ExactTopK(q.shape[0], k, compute_device, stats)
             self_search(prepare(q, metric, compute_device), screen, state, block_size, progress)
@@ -189,6 +203,9 @@ def knn(
         if source.num_rows is not None:  # iterables reveal their size only once read: checked below
             _check_k_gallery(k, source.num_rows, exclude_ids)
 
+    if backend == "triton":
+        assert isinstance(gallery, Tensor)
+        return _kernel_knn(q, gallery, k, metric, exclude_ids, screen, compute_device, block_size, stats)
     if options is not None:
         scores, indices = faiss_search(
             q, source, k, metric, exclude=exclude_ids, options=options, progress=progress
@@ -212,6 +229,73 @@ def knn(
     if options is not None:
         _warn_missing(indices, k, options)
     return Neighbors(to_user_scores(scores, metric), indices)
+
+
+def _kernel_knn(
+    q: Tensor,
+    gallery: Tensor | None,
+    k: int,
+    metric: Metric,
+    exclude: Tensor | None,
+    screen: Screen,
+    device: torch.device,
+    block_size: int,
+    stats: SearchStats | None,
+) -> Neighbors:
+    """``backend="triton"``: the fused kernel screens, exact scores rank, the torch engine redoes the rows the
+    kernel's candidates do not prove (see :func:`~objretrieval.search.exact.exact_topk_of_candidates`)."""
+    from objretrieval.kernels.knn import MAX_K, fused_topk  # the kernels build on this module
+
+    prepared = prepare(q, metric, device)
+    g_prep = (
+        prepared
+        if gallery is None
+        else prepare(check_embeddings(gallery, "gallery"), metric, device, like=prepared)
+    )
+    if g_prep.vectors.shape[1] != prepared.vectors.shape[1]:
+        raise ValueError(f"gallery has dim {g_prep.vectors.shape[1]} but queries have dim {q.shape[1]}")
+    n = len(g_prep)
+    ex = torch.arange(len(prepared), device=device) if gallery is None else exclude
+    available = n - (0 if ex is None else 1)
+    _check_k_gallery(k, n, ex)
+    qs, gs = screen.rows(prepared), screen.rows(g_prep)
+    width = min(available, MAX_K, max(2 * k, k + _KERNEL_EXTRA))
+    l2 = metric == "l2"
+    screened, candidates = fused_topk(
+        qs.operand,
+        gs.operand,
+        width,
+        query_sq_norms=prepared.sq_norms if l2 else None,
+        gallery_sq_norms=g_prep.sq_norms if l2 else None,
+        exclude=None if ex is None else ex.to(device),
+        backend="triton",
+    )
+    if stats is not None:
+        stats.screened += len(prepared) * n
+    scores, indices, redo = exact_topk_of_candidates(
+        qs, gs, screened, candidates, k, screen, available, stats
+    )
+    if redo.numel():  # rows whose k-th could still be beaten: the block engine, exact, on those rows only
+        rows = redo.cpu()
+        again = knn(
+            q[rows.to(q.device)],
+            q if gallery is None else gallery,
+            k=k,
+            metric=metric,
+            exclude=rows if gallery is None else (None if ex is None else ex.cpu()[rows]),
+            block_size=block_size,
+            device=device,
+            precision=screen.precision,
+            stats=stats,
+        )
+        scores[redo] = _internal(again.scores, metric)
+        indices[redo] = again.indices
+    return Neighbors(to_user_scores(scores, metric), indices)
+
+
+def _internal(user_scores: Tensor, metric: Metric) -> Tensor:
+    """Back from what the API returns to "higher is better" (L2: minus the squared distance)."""
+    return -user_scores if metric == "l2" else user_scores
 
 
 def _warn_missing(indices: Tensor, k: int, options: FaissOptions) -> None:
