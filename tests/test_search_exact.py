@@ -132,7 +132,7 @@ def test_bf16_exact_search_is_refused_where_it_does_not_apply() -> None:
     x = torch.randn(20, 8)
     with pytest.raises(ValueError, match="precision"):
         knn(x, k=3, precision="bf16")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="precision='bf16-exact' is an option of the torch backend"):
+    with pytest.raises(ValueError, match="precision='bf16-exact' is an option of our own search"):
         knn(x, x, k=3, backend="faiss", precision="bf16-exact")
     with pytest.raises(ValueError, match="precision"):
         RetrievalEvaluator(["recall@1"], backend="faiss", precision="bf16-exact")
@@ -179,7 +179,14 @@ def kernel_backend_checks() -> None:
                 assert torch.equal(got.scores, want.scores), (metric, precision, k)
                 assert stats.rescored >= x.shape[0] * k
                 runs += 1
-    print(f"kernel backend checks passed: {runs}")
+    labels = torch.arange(23) % 5
+    names = ["recall@1", "precision@1", "map@r"]
+    want = RetrievalEvaluator(names)(x, labels)
+    assert RetrievalEvaluator(names, backend="triton")(x, labels).metrics == want.metrics
+    module = RetrievalMetrics(names, backend="triton", precision="bf16-exact")
+    module.update(x, labels)
+    assert module.compute().metrics == want.metrics
+    print(f"kernel backend checks passed: {runs + 2}")
 
 
 def test_kernel_backend_equals_the_torch_backend_under_the_interpreter() -> None:
@@ -188,7 +195,7 @@ def test_kernel_backend_equals_the_torch_backend_under_the_interpreter() -> None
     out = run_interpreted(
         "from tests.test_search_exact import kernel_backend_checks; kernel_backend_checks()"
     )
-    assert "kernel backend checks passed: 18" in out
+    assert "kernel backend checks passed: 20" in out
 
 
 def test_kernel_backend_refuses_what_it_cannot_search(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -201,3 +208,26 @@ def test_kernel_backend_refuses_what_it_cannot_search(monkeypatch: pytest.Monkey
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             knn(x, x, k=2, backend="triton")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_cuda_search_equals_cpu_bit_for_bit(metric: str) -> None:
+    """Exact scores are elementwise float32 operations: the same bits on the GPU as on the CPU, whatever the
+    products (cuBLAS float32 with or without TF32, bfloat16) did."""
+    x, g = _adversarial(2000, 96, 0), _adversarial(30000, 96, 1)
+    cpu = knn(x, g, k=50, metric=metric)
+    for precision in ("float32", "bf16-exact"):
+        for tf32 in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            try:
+                found = knn(x.cuda(), g.cuda(), k=50, metric=metric, precision=precision)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = False
+            assert torch.equal(found.indices.cpu(), cpu.indices) and torch.equal(
+                found.scores.cpu(), cpu.scores
+            )
+    loo = knn(x, k=20, metric=metric)
+    found = knn(x.cuda(), k=20, metric=metric, precision="bf16-exact", backend="triton")
+    assert torch.equal(found.indices.cpu(), loo.indices) and torch.equal(found.scores.cpu(), loo.scores)

@@ -13,7 +13,11 @@ from objretrieval.kernels.avsl import avsl_distance
 from objretrieval.kernels.dispatch import MEASURED, KernelBackend, Measurement, resolve_backend
 from objretrieval.kernels.hamming import hamming_distances, hamming_topk
 from objretrieval.kernels.knn import fused_topk
-from objretrieval.kernels.pairwise_losses import tiled_contrastive_loss, tiled_multi_similarity_loss, tiled_supcon_loss
+from objretrieval.kernels.pairwise_losses import (
+    tiled_contrastive_loss,
+    tiled_multi_similarity_loss,
+    tiled_supcon_loss,
+)
 
 __all__ = [
     "MEASURED",

@@ -100,7 +100,8 @@ class RetrievalEvaluator:
             the two arguments broadcast, e.g. (q, 1, *) against (1, g, *), and it returns their (q, g) bool
             relevance. Labels may then be (N, L), e.g. hierarchical levels. Ranking metrics only.
         return_per_query: fill :attr:`RetrievalResult.per_query`.
-        backend: kNN backend, ``"torch"`` or ``"faiss"`` (see :func:`objretrieval.search.knn`).
+        backend: kNN backend, ``"torch"``, ``"triton"`` (the fused kernel, same results) or ``"faiss"`` (see
+            :func:`objretrieval.search.knn`).
         faiss: :class:`~objretrieval.search.FaissOptions` of the faiss backend (only with ``backend="faiss"``;
             default an exact flat index).
         block_size: gallery rows per block.
@@ -156,8 +157,8 @@ class RetrievalEvaluator:
         self.progress = progress
         self.kmeans_seed = check_positive_int(kmeans_seed, "kmeans_seed", minimum=0)
         self.precision: Precision = check_choice(precision, "precision", PRECISIONS)
-        if self.precision != "float32" and self.backend != "torch":
-            raise ValueError(f"precision={precision!r} is an option of the torch backend, not of {backend!r}")
+        if self.precision != "float32" and self.backend == "faiss":
+            raise ValueError(f"precision={precision!r} is an option of our own search, not of the faiss backend")
 
     def __call__(
         self, queries: Any, query_labels: Any, gallery: GalleryLike | None = None, gallery_labels: Any = None
@@ -373,7 +374,7 @@ class RetrievalEvaluator:
             device=device,
             progress=self.progress,
             precision=self.precision,
-            stats=stats if self.backend == "torch" else None,
+            stats=None if self.backend == "faiss" else stats,
         )
         scores, indices = scores.cpu(), indices.cpu()
         if ranks is None:

@@ -219,6 +219,9 @@ class RetrievalMetrics(nn.Module):
             those of the evaluator on the rounded embeddings.
         precision: screening products of the kNN search, ``"float32"`` or ``"bf16-exact"`` (identical values;
             see :class:`~objretrieval.metrics.RetrievalEvaluator`).
+        backend: the kNN backend of a single-process ``compute()``: ``"torch"``, or ``"triton"`` (the fused
+            kernel, identical values; see :func:`~objretrieval.search.knn`). Across processes the search is
+            the sharded torch engine.
         group: the process group to evaluate over; None for the default group.
 
     Example:
@@ -247,6 +250,7 @@ class RetrievalMetrics(nn.Module):
         kmeans_seed: int = 1234,
         storage_dtype: torch.dtype | None = None,
         precision: Precision = "float32",
+        backend: Literal["torch", "triton"] = "torch",
         group: Group = None,
     ) -> None:
         super().__init__()
@@ -261,6 +265,7 @@ class RetrievalMetrics(nn.Module):
             "kmeans_seed": kmeans_seed,
             "storage_dtype": storage_dtype,
             "precision": precision,
+            "backend": check_choice(backend, "backend", ("torch", "triton")),
         }
         self.evaluator, self.storage_dtype = build_engine(**self._settings, return_per_query=return_per_query)
         self.group = group

@@ -36,7 +36,7 @@ from objretrieval.metrics.streaming import (
     check_update,
     evaluate_rows,
 )
-from objretrieval.search import Metric
+from objretrieval.search import Backend, Metric
 from objretrieval.search.exact import Precision
 
 
@@ -82,6 +82,7 @@ class TorchmetricsRetrieval(torchmetrics.Metric):
         kmeans_seed: int = 1234,
         storage_dtype: torch.dtype | None = None,
         precision: Precision = "float32",
+        backend: Backend = "torch",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -96,6 +97,7 @@ class TorchmetricsRetrieval(torchmetrics.Metric):
             kmeans_seed=kmeans_seed,
             storage_dtype=storage_dtype,
             precision=precision,
+            backend=backend,
         )
         # Per row: embedding, label, dataset index (-1: none given) and role (its position in _ROLES).
         for name in ("embeddings", "labels", "indices", "roles"):

@@ -658,14 +658,15 @@ class AVSLScorer:
         by the top-level embedding is a plain kNN, and rescoring the top ``k`` with AVSL
         (``pairwise_knn(scorer, k_final, candidates=scorer.shortlist(k))``) recovers most of AVSL's ranking
         when ``k`` comfortably exceeds the depth the metrics read. Leave-one-out (the default for a scorer
-        built without a gallery) leaves each query out of its own shortlist.
+        built without a gallery) leaves each query out of its own shortlist. A scorer on the Triton kernels
+        searches with the fused kNN kernel too (``knn(backend="triton")``: the same shortlist).
         """
         from objretrieval.search import knn
 
         exclude_self = self.symmetric if exclude_self is None else exclude_self
         queries = self.queries.embeddings[level]
         gallery = None if exclude_self else self.gallery.embeddings[level]
-        return knn(queries, gallery, k=k, metric="cosine").indices
+        return knn(queries, gallery, k=k, metric="cosine", backend=self.backend).indices
 
     def full_scores(self, block_size: int = 256) -> Tensor:
         """(Q, N) every score, for small sets (the distance matrix itself)."""

@@ -29,7 +29,7 @@ Bound of a screened score (u = 2^-24, u_b = 2^-8, gamma_n = n u / (1 - n u), L =
 Every bound takes row norms against the block's largest gallery norms, and a 0.1 % slack for the rounding
 of those norms. The bfloat16 bound
 assumes what oneDNN (AVX-512 BF16 / AMX) and cuBLAS do: float32 accumulation, one rounding of the output;
-on CUDA the screening turns off cuBLAS's reduced-precision bf16 reductions for its products.
+on CUDA the screening turns off TF32 and cuBLAS's reduced-precision bf16 reductions for its products.
 """
 
 from __future__ import annotations
@@ -181,9 +181,10 @@ class Screen:
     def scores(self, q: ScreenRows, g: ScreenRows, out: Tensor | None = None) -> Tensor:
         """(len(q), len(g)) screened scores, higher is better (float32, or bfloat16 for inner products)."""
         if self.precision == "float32":
-            return score_block(q.prepared, g.prepared, self.metric, out=out)
+            with _bounded_products(q.norms.device):
+                return score_block(q.prepared, g.prepared, self.metric, out=out)
         assert q.low is not None and g.low is not None
-        with _exact_bf16_products(q.low.device):
+        with _bounded_products(q.low.device):
             s = torch.mm(q.low, g.low.T, out=_view(out, (len(q), len(g)), torch.bfloat16))
         if self.metric != "l2":
             return s
@@ -233,17 +234,19 @@ def _view(out: Tensor | None, shape: tuple[int, int], dtype: torch.dtype) -> Ten
 
 
 @contextlib.contextmanager
-def _exact_bf16_products(device: torch.device) -> Iterator[None]:
-    """cuBLAS may reduce bf16 products in bf16 (split-K); the bound needs float32 sums."""
+def _bounded_products(device: torch.device) -> Iterator[None]:
+    """Products the bounds hold for: on CUDA, no TF32 for float32 (10-bit inputs) and no bf16 partial sums
+    (cuBLAS's split-K reductions), whatever the caller's settings."""
     if device.type != "cuda":
         yield
         return
-    flag = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
-    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    matmul = torch.backends.cuda.matmul
+    flags = matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction
+    matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction = False, False
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = flag
+        matmul.allow_tf32, matmul.allow_bf16_reduced_precision_reduction = flags
 
 
 def thresholds(kth: Tensor, bound: tuple[Tensor, float]) -> Tensor:
@@ -385,7 +388,8 @@ class ExactTopK:
 
         Args:
             block: screened scores (may be a transposed view); -inf marks excluded pairs.
-            row_points, col_points: the points of the block's rows and columns, for :func:`exact_scores`.
+            row_points: the points of the block's rows, for :func:`exact_scores`.
+            col_points: the points of the block's columns.
             metric: the metric of the exact scores.
             bound: :meth:`Screen.bounds` of these rows against these columns.
         """
@@ -478,7 +482,8 @@ def exact_topk_of_candidates(
     that. The caller searches the other rows again (e.g. with the block engine).
 
     Args:
-        q, g: the screening rows of the queries and of the whole gallery.
+        q: the screening rows of the queries.
+        g: the screening rows of the whole gallery.
         screened: (Q, K') screened scores, descending; -inf for a missing slot.
         candidates: (Q, K') gallery indices, -1 for a missing slot.
         k: neighbours per query (<= K').

@@ -168,7 +168,7 @@ def knn(
     backend = check_choice(backend, "backend", Backend)
     options = resolve_faiss_options(backend, faiss)
     if options is not None and precision != "float32":
-        raise ValueError(f"precision={precision!r} is an option of the torch backend, not of faiss")
+        raise ValueError(f"precision={precision!r} is an option of our own search, not of the faiss backend")
     if backend == "triton":
         if not isinstance(gallery, (Tensor, type(None))):
             raise TypeError(f"backend='triton' searches a gallery tensor, got {type(gallery).__name__}")
