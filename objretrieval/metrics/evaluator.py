@@ -158,7 +158,9 @@ class RetrievalEvaluator:
         self.kmeans_seed = check_positive_int(kmeans_seed, "kmeans_seed", minimum=0)
         self.precision: Precision = check_choice(precision, "precision", PRECISIONS)
         if self.precision != "float32" and self.backend == "faiss":
-            raise ValueError(f"precision={precision!r} is an option of our own search, not of the faiss backend")
+            raise ValueError(
+                f"precision={precision!r} is an option of our own search, not of the faiss backend"
+            )
 
     def __call__(
         self, queries: Any, query_labels: Any, gallery: GalleryLike | None = None, gallery_labels: Any = None
