@@ -231,3 +231,19 @@ def test_cuda_search_equals_cpu_bit_for_bit(metric: str) -> None:
     loo = knn(x, k=20, metric=metric)
     found = knn(x.cuda(), k=20, metric=metric, precision="bf16-exact", backend="triton")
     assert torch.equal(found.indices.cpu(), loo.indices) and torch.equal(found.scores.cpu(), loo.scores)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16-exact"])
+def test_rows_with_fewer_than_k_finite_entries_in_a_block(precision: str) -> None:
+    """A block as wide as k, one of whose columns a query excludes: the row's block k-th is -inf (regression:
+    a NaN threshold once dropped the whole block)."""
+    g = torch.Generator().manual_seed(0)
+    x, gallery = torch.randn(6, 8, generator=g), torch.randn(12, 8, generator=g)
+    exclude = torch.tensor([0, 1, 2, 3, 4, 7])
+    found = knn(x, gallery, k=5, block_size=5, exclude=exclude, precision=precision)
+    scores = F.normalize(x.double(), dim=1) @ F.normalize(gallery.double(), dim=1).T
+    scores[torch.arange(6), exclude] = float("-inf")
+    assert torch.equal(found.indices, scores.topk(5, dim=1).indices)
+    loo = knn(x, k=5, block_size=5, precision=precision)  # the diagonal in a 5-wide first block
+    ref_scores, ref_indices = _brute_force(x, None, 5, "cosine")
+    assert torch.equal(loo.indices, ref_indices)

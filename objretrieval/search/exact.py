@@ -420,7 +420,10 @@ class ExactTopK:
             source = block if rows.numel() == block.shape[0] else block[rows]
         kth = source.topk(self.k, dim=1, sorted=False).values.amin(dim=1).double()
         e, relative = bound
-        return (kth - relative * kth.abs() - e[rows].to(kth.device)).float()
+        low = kth - e[rows].to(kth.device)
+        if relative:  # (a row with fewer than k finite entries keeps -inf: 0 x inf would be NaN)
+            low = low - relative * kth.abs()
+        return low.float()
 
 
 class _Scorer:
