@@ -147,7 +147,7 @@ def _tile_sweep(
     result = {}
     for block_q, block_n, num_warps in TILES:
         with _tiles(block_q, block_n, num_warps):
-            _, seconds = timer(functools.partial(fused_topk, q, g, 100), repeats)
+            _, seconds = timer(functools.partial(fused_topk, q, g, 100, backend="triton"), repeats)
         tflops = flops / seconds / 1e12
         print(
             f"    {block_q:>3} x {block_n:<4} {num_warps:>2} warps {seconds * 1e3:9.2f} ms {tflops:8.2f} TFLOP/s"

@@ -128,6 +128,17 @@ def test_screening_stays_within_its_bound(precision: str, metric: str) -> None:
     assert bool(((s - exact).abs() <= e[:, None] + rel * s.abs()).all())
 
 
+def test_rows_whose_scores_would_overflow_are_refused() -> None:
+    x = torch.randn(3, 16) * 1e20  # finite, but |q| |g| and squared distances overflow float32
+    for metric in ("ip", "l2"):
+        with pytest.raises(ValueError, match=r"queries row 0 has norm .* overflow"):
+            knn(x, torch.randn(50, 16), k=3, metric=metric)
+    with pytest.raises(ValueError, match="gallery row 7 has norm"):
+        big = torch.randn(50, 16)
+        big[7] *= 1e20
+        knn(torch.randn(3, 16), big, k=3, metric="ip")
+
+
 def test_bf16_exact_search_is_refused_where_it_does_not_apply() -> None:
     x = torch.randn(20, 8)
     with pytest.raises(ValueError, match="precision"):
@@ -179,14 +190,23 @@ def kernel_backend_checks() -> None:
                 assert torch.equal(got.scores, want.scores), (metric, precision, k)
                 assert stats.rescored >= x.shape[0] * k
                 runs += 1
+    base = torch.randn(1, 64, generator=g)  # a row that excludes nothing among near-duplicates (-1)
+    near = torch.cat([base * 2, base + 1e-6 * torch.randn(2, 64, generator=g)])
+    for precision in ("float32", "bf16-exact"):
+        got = knn(base, near, k=2, exclude=torch.tensor([-1]), backend="triton", precision=precision)
+        want_near = knn(base, near, k=2, exclude=torch.tensor([-1]))
+        assert torch.equal(got.indices, want_near.indices) and torch.equal(got.scores, want_near.scores)
     labels = torch.arange(23) % 5
     names = ["recall@1", "precision@1", "map@r"]
     want = RetrievalEvaluator(names)(x, labels)
     assert RetrievalEvaluator(names, backend="triton")(x, labels).metrics == want.metrics
+    g_labels = torch.arange(150) % 5
+    against = RetrievalEvaluator(names)(x, labels, gallery, g_labels).metrics
+    assert RetrievalEvaluator(names, backend="triton")(x, labels, gallery, g_labels).metrics == against
     module = RetrievalMetrics(names, backend="triton", precision="bf16-exact")
     module.update(x, labels)
     assert module.compute().metrics == want.metrics
-    print(f"kernel backend checks passed: {runs + 2}")
+    print(f"kernel backend checks passed: {runs + 4}")
 
 
 def test_kernel_backend_equals_the_torch_backend_under_the_interpreter() -> None:
@@ -195,7 +215,7 @@ def test_kernel_backend_equals_the_torch_backend_under_the_interpreter() -> None
     out = run_interpreted(
         "from tests.test_search_exact import kernel_backend_checks; kernel_backend_checks()"
     )
-    assert "kernel backend checks passed: 20" in out
+    assert "kernel backend checks passed: 22" in out
 
 
 def test_kernel_backend_refuses_what_it_cannot_search(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -245,5 +265,5 @@ def test_rows_with_fewer_than_k_finite_entries_in_a_block(precision: str) -> Non
     scores[torch.arange(6), exclude] = float("-inf")
     assert torch.equal(found.indices, scores.topk(5, dim=1).indices)
     loo = knn(x, k=5, block_size=5, precision=precision)  # the diagonal in a 5-wide first block
-    ref_scores, ref_indices = _brute_force(x, None, 5, "cosine")
+    _, ref_indices = _brute_force(x, None, 5, "cosine")
     assert torch.equal(loo.indices, ref_indices)

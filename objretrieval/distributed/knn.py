@@ -214,10 +214,12 @@ class ShardedSearch:
         results: list[tuple[Tensor, Tensor]] = []
         screened: dict[int, ScreenRows] = {}  # this rank's gallery blocks, ready for screening once
         for r in rounds:
-            qs = self.screen.rows(r.queries)
+            qs = self.screen.rows(r.queries, "queries")
             state = ExactTopK(len(r.queries), self.k, self.device, self.stats)
             for col, gal in r.gallery:
-                gs = screened.setdefault(col, self.screen.rows(gal))
+                gs = screened.get(col)
+                if gs is None:
+                    gs = screened[col] = self.screen.rows(gal, "gallery", col)
                 s = self.screen.scores(qs, gs, out=r.buffer)
                 state.update(0, s, col, qs.points, gs.points, self.metric, self.screen.bounds(qs, gs))
             merged = self._gather_merge(state.scores, state.indices, r.owner)
@@ -273,7 +275,7 @@ class ShardedSearch:
         screen, metric = self.screen, self.metric
         own = {  # this rank's blocks: rows ready for screening and the running top-k of those rows
             start: (
-                screen.rows(self.prepare(block, start, f32, like, whole=True)),
+                screen.rows(self.prepare(block, start, f32, like, whole=True), "queries", start),
                 ExactTopK(len(block), self.k, self.device, self.stats),
             )
             for start, block in raw.items()
@@ -286,7 +288,11 @@ class ShardedSearch:
             later = [c for c in own if c > a]
             from_later = ExactTopK(count, self.k, self.device, self.stats)
             if later:
-                ra = own[a][0] if a in own else screen.rows(self.prepare(block, a, f32, like, whole=True))
+                ra = (
+                    own[a][0]
+                    if a in own
+                    else screen.rows(self.prepare(block, a, f32, like, whole=True), "queries", a)
+                )
                 for c in later:
                     rc = own[c][0]
                     s = screen.scores(ra, rc, out=buffer)

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from objretrieval._validation import check_embeddings, check_finite_values, check_labels, check_positive_int
 from objretrieval.kernels.dispatch import KernelBackend, jit, resolve_backend
+from objretrieval.search.topk import keys_to_scores_and_indices, score_index_keys
 
 try:  # Triton ships with torch's Linux wheels; without it only the torch reference runs
     import triton.language as tl  # type: ignore[import-untyped]
@@ -68,22 +69,16 @@ _SCRATCH_KEYS = 1 << 27
 
 
 def encode_keys(scores: Tensor, indices: Tensor) -> Tensor:
-    """int64 keys ordering (score descending, index ascending); ``indices`` lie in [0, 2**32 - 2].
-
-    -0.0 is folded into +0.0 first, so that equal scores get equal high halves.
-    """
-    bits = torch.where(scores == 0, 0.0, scores).view(torch.int32)
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    return (ordered << 32) + (0xFFFFFFFF - indices)
+    """int64 keys ordering (score descending, index ascending), as everywhere in objretrieval
+    (:func:`~objretrieval.search.topk.score_index_keys`); ``indices`` lie in [0, 2**32 - 2]."""
+    return score_index_keys(scores, indices)
 
 
 def decode_keys(keys: Tensor, col_offset: int = 0) -> tuple[Tensor, Tensor]:
     """(float32 scores, int64 indices + ``col_offset``) of keys; missing keys give (-inf, -1)."""
-    ordered = (keys >> 32).to(torch.int32)
-    scores = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).view(torch.float32)
-    indices = 0xFFFFFFFF - (keys & 0xFFFFFFFF) + col_offset
+    scores, indices = keys_to_scores_and_indices(keys)
     missing = keys == MISSING_KEY
-    return scores.masked_fill(missing, float("-inf")), indices.masked_fill(missing, -1)
+    return scores.masked_fill(missing, float("-inf")), (indices + col_offset).masked_fill(missing, -1)
 
 
 def _check_vector(x: Any, name: str, length: int, of: str, device: torch.device) -> Tensor:
@@ -450,7 +445,7 @@ def fused_topk(
     gallery_sq_norms: Tensor | None = None,
     exclude: Tensor | None = None,
     col_offset: int = 0,
-    backend: KernelBackend = "triton",
+    backend: KernelBackend = "torch",
     num_chunks: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The exact top-``k`` gallery rows of each query by float32-accumulated scores, best first.
@@ -465,8 +460,8 @@ def fused_topk(
         exclude: (Q,) integer gallery index skipped per query (leave-one-out passes ``arange(Q)``), in the
             caller's numbering (``col_offset`` included); -1 or an index outside this gallery skips nothing.
         col_offset: the caller's index of gallery row 0; returned indices include it.
-        backend: ``"triton"`` (the kernel: CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``),
-            ``"torch"`` (:func:`reference_topk`) or ``"auto"`` (the kernel only on a GPU where it was
+        backend: ``"torch"`` (:func:`reference_topk`, the default), ``"triton"`` (the kernel: CUDA tensors,
+            or CPU tensors with ``TRITON_INTERPRET=1``) or ``"auto"`` (the kernel only on a GPU where it was
             measured faster).
         num_chunks: gallery chunks searched by separate programs (Triton only), each with its own lists and
             buffers; None: about ``4 x SMs / query tiles`` on a GPU within 1 GiB of them, one on a CPU.

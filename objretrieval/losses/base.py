@@ -57,6 +57,8 @@ class MetricLoss(nn.Module):
     indexes_classes: bool = False
     num_classes: int | None = None
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: Set by losses with a tiled path (:class:`~objretrieval.losses.tiled.TiledPairLoss`) to take it.
+    tiled: bool = False
 
     def __init__(
         self, *, normalize_embeddings: bool = True, label_comparison: LabelComparison | None = None
@@ -109,6 +111,9 @@ class MetricLoss(nn.Module):
         """
         if not isinstance(embeddings, Tensor):
             raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
+        if self.tiled:  # before anything forms the (N, N) masks (see objretrieval.losses.tiled)
+            unsupported = {"indices_tuple": indices_tuple, "ref_emb": ref_emb, "ref_labels": ref_labels}
+            return self.tiled_forward(embeddings, labels, ref_self_index=ref_self_index, **unsupported)
         with full_precision(embeddings.device):
             loss = self.compute_loss(
                 self.prepare_batch(
@@ -161,6 +166,10 @@ class MetricLoss(nn.Module):
     def compute_loss(self, batch: PairBatch) -> Tensor | None:
         """The loss of one batch, or None when the batch has no valid pair/triplet."""
         raise NotImplementedError
+
+    def tiled_forward(self, embeddings: Tensor, labels: Tensor, **arguments: Any) -> Tensor:
+        """The loss on the tiled path (:class:`~objretrieval.losses.tiled.TiledPairLoss`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no tiled path")
 
     def _empty(self, x: Tensor) -> Tensor:
         self.num_empty_batches += 1

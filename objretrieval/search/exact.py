@@ -35,6 +35,7 @@ on CUDA the screening turns off TF32 and cuBLAS's reduced-precision bf16 reducti
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -120,7 +121,8 @@ def exact_pair_scores(x: Tensor, y: Tensor, rows: Tensor, cols: Tensor | None, m
     return out.neg_() if metric == "l2" else out
 
 
-class ScreenRows(NamedTuple):
+@dataclass(frozen=True)
+class ScreenRows:
     """Rows ready for screening: the prepared float32 rows (also the exact scores' points), their bfloat16
     copy for ``"bf16-exact"``, and the norms the bounds need."""
 
@@ -134,16 +136,32 @@ class ScreenRows(NamedTuple):
         return len(self.prepared)
 
     def rows(self, start: int, stop: int) -> ScreenRows:
-        def cut(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t[start:stop]
+        return self.select(slice(start, stop))
 
+    def select(self, index: slice | Tensor) -> ScreenRows:
+        """The rows at ``index`` (a slice, or a tensor of row numbers)."""
+
+        def cut(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[index]
+
+        p = self.prepared
+        if isinstance(index, slice):
+            prepared = p.rows(index.start, index.stop)
+        else:
+            prepared = Prepared(p.vectors[index], cut(p.sq_norms), p.origin, cut(p.unshifted))
         return ScreenRows(
-            self.prepared.rows(start, stop),
-            self.norms[start:stop],
-            cut(self.low),
-            cut(self.low_norms),
-            cut(self.residual_norms),
+            prepared, self.norms[index], cut(self.low), cut(self.low_norms), cut(self.residual_norms)
         )
+
+    @functools.cached_property
+    def maxima(self) -> tuple[float, float, float]:
+        """The largest ``|v|``, ``|bf16(v)|`` and ``|v - bf16(v)|`` (0 for missing ones): a gallery block's part
+        of the bounds, computed once per block."""
+
+        def top(t: Tensor | None) -> float:
+            return float(t.max()) if t is not None and t.numel() else 0.0
+
+        return top(self.norms), top(self.low_norms), top(self.residual_norms)
 
     @property
     def points(self) -> Tensor:
@@ -162,10 +180,21 @@ class Screen:
     metric: Metric
     precision: Precision = "float32"
 
-    def rows(self, p: Prepared) -> ScreenRows:
-        """The screening view of prepared rows."""
+    def rows(self, p: Prepared, name: str = "embeddings", offset: int = 0) -> ScreenRows:
+        """The screening view of prepared rows.
+
+        Raises:
+            ValueError: if a row is so large that its float32 scores would overflow.
+        """
         v = p.vectors
         norms = torch.linalg.vector_norm(v, dim=1)
+        too_large = ~torch.isfinite((2.0 * norms).square())  # scores reach |q||g|, L2 (|q| + |g|)^2
+        if bool(too_large.any()):
+            row = int(too_large.nonzero()[0])
+            raise ValueError(
+                f"{name} row {row + offset} has norm {float(norms[row]):.3g}: float32 scores of such rows overflow "
+                "(rows up to about 9e18 in norm, measured from the L2 origin, can be searched); scale the data"
+            )
         if self.precision == "float32":
             return ScreenRows(p, norms)
         low = v.to(torch.bfloat16)
@@ -182,7 +211,18 @@ class Screen:
         """(len(q), len(g)) screened scores, higher is better (float32, or bfloat16 for inner products)."""
         if self.precision == "float32":
             with _bounded_products(q.norms.device):
-                return score_block(q.prepared, g.prepared, self.metric, out=out)
+                if self.metric != "l2":
+                    return score_block(q.prepared, g.prepared, self.metric, out=out)
+                # the Gram formula alone: its cancellation is inside the bound, the exact scores correct it
+                assert q.prepared.sq_norms is not None and g.prepared.sq_norms is not None
+                s = torch.addmm(
+                    -g.prepared.sq_norms,
+                    q.prepared.vectors,
+                    g.prepared.vectors.T,
+                    alpha=2.0,
+                    out=_view(out, (len(q), len(g)), torch.float32),
+                )
+                return s.sub_(q.prepared.sq_norms[:, None])
         assert q.low is not None and g.low is not None
         with _bounded_products(q.low.device):
             s = torch.mm(q.low, g.low.T, out=_view(out, (len(q), len(g)), torch.bfloat16))
@@ -197,12 +237,17 @@ class Screen:
         dtype = torch.bfloat16 if self.precision == "bf16-exact" else torch.float32
         return torch.empty(rows * cols, dtype=dtype, device=device)
 
-    def bounds(self, q: ScreenRows, g: ScreenRows) -> tuple[Tensor, float]:
+    def bounds(self, q: ScreenRows, g: ScreenRows, *, float32_output: bool = False) -> tuple[Tensor, float]:
         """``(E, r)``: (len(q),) float64 absolute bounds of ``|screened - exact|`` against this gallery block,
-        and the relative part ``r`` (bfloat16 inner products: ``|s - c| <= E + r |s|``)."""
+        and the relative part ``r`` (bfloat16 inner products: ``|s - c| <= E + r |s|``).
+
+        ``float32_output``: the products of bfloat16 inputs come out in float32 (a fused kernel), without the
+        rounding of a bfloat16 output.
+        """
         d = q.prepared.vectors.shape[1]
         depth = max(1, math.ceil(math.log2(max(d, 1)))) + 1
-        qn, gn = q.norms.double(), float(g.norms.max()) if len(g) else 0.0
+        gn, g_low, g_res = g.maxima
+        qn = q.norms.double()
         tiny = d * 2.0**-124  # flushed subnormal products
         if self.precision == "float32":
             if self.metric == "l2":
@@ -212,11 +257,9 @@ class Screen:
             return _SLACK * e + tiny, 0.0
         assert q.low_norms is not None and q.residual_norms is not None
         assert g.low_norms is not None and g.residual_norms is not None
-        g_low = float(g.low_norms.max()) if len(g) else 0.0
-        g_res = float(g.residual_norms.max()) if len(g) else 0.0
         q_low, q_res = q.low_norms.double(), q.residual_norms.double()
         dot = q_res * gn + q_low * g_res + (_gamma(d) + _gamma(depth)) * (q_low * g_low + qn * gn)
-        rel = _U_BF16 / (1.0 - _U_BF16)
+        rel = 0.0 if float32_output else _U_BF16 / (1.0 - _U_BF16)
         if self.metric != "l2":
             return _SLACK * dot + tiny, _SLACK * rel
         # 2 q.g from a bf16-rounded product, bounded with |q'||g'| instead of entry by entry
@@ -276,7 +319,7 @@ class ColumnGroups(NamedTuple):
 
     @staticmethod
     def of(block: Tensor) -> ColumnGroups | None:
-        """Groups of 32 columns (None for blocks under 64 columns, searched whole). A row-major block groups
+        """Groups of ``_CHUNK`` columns (None for blocks under twice that, searched whole). A row-major block groups
         every ``number``-th column (an outer reduction: vectorised, also for bfloat16); a transposed view
         groups consecutive columns, which are rows of the matrix it views."""
         n_cols = block.shape[1]
@@ -474,7 +517,7 @@ def exact_topk_of_candidates(
     candidates: Tensor,
     k: int,
     screen: Screen,
-    available: int,
+    available: Tensor,
     stats: SearchStats | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The exact top-k of each query among its screened ``candidates``, and the queries it is not proven for.
@@ -491,7 +534,7 @@ def exact_topk_of_candidates(
         candidates: (Q, K') gallery indices, -1 for a missing slot.
         k: neighbours per query (<= K').
         screen: the screening's precision and metric, for its bound.
-        available: gallery items each query may retrieve.
+        available: (Q,) gallery items each query may retrieve.
         stats: optional counts.
 
     Returns:
@@ -506,13 +549,14 @@ def exact_topk_of_candidates(
         stats.rescored += int(valid.sum())
     scores, indices = sort_by_score_then_index(exact, candidates)
     scores, indices = scores[:, :k].contiguous(), indices[:, :k].contiguous()
-    if width >= available:
-        return scores, indices, torch.empty(0, dtype=torch.int64, device=candidates.device)
     last = screened[:, -1].double()
-    e, relative = screen.bounds(q, g)
-    reach = last + relative * last.abs() + e.to(last.device)
-    open_rows = ~(reach < scores[:, -1].double())
-    return scores, indices, open_rows.nonzero().squeeze(1)
+    e, relative = screen.bounds(q, g, float32_output=True)
+    reach = last + e.to(last.device)
+    if relative:
+        reach = reach + relative * last.abs()
+    # a missing last slot: the screening returned every pair the row may retrieve
+    proven = (reach < scores[:, -1].double()) | (last == float("-inf")) | (width >= available.to(last.device))
+    return scores, indices, (~proven).nonzero().squeeze(1)
 
 
 def search_blocks(
@@ -529,13 +573,13 @@ def search_blocks(
     """Screen every (query block, gallery block) pair into ``state``; the gallery is read once, in order."""
     from tqdm.auto import tqdm
 
-    q = screen.rows(queries)
+    q = screen.rows(queries, "queries")
     buffer = screen.buffer(min(query_block_size, len(q)), gallery.block_size, device)
     total = None if gallery.num_rows is None else -(-gallery.num_rows // gallery.block_size)
     for col_offset, block in tqdm(
         gallery.blocks(), total=total, disable=not progress, desc="search", unit="block"
     ):
-        g = screen.rows(prepare(block, screen.metric, device, like=queries))
+        g = screen.rows(prepare(block, screen.metric, device, like=queries), gallery.name, col_offset)
         for row_start in range(0, len(q), query_block_size):
             rows = q.rows(row_start, row_start + query_block_size)
             s = screen.scores(rows, g, out=buffer)
@@ -549,7 +593,7 @@ def self_search(x: Prepared, screen: Screen, state: ExactTopK, block_size: int, 
     """Leave-one-out over ``x``: each unordered block pair is screened once and serves both its row blocks."""
     from tqdm.auto import tqdm
 
-    rows = screen.rows(x)
+    rows = screen.rows(x, "queries")
     n = len(rows)
     starts = range(0, n, block_size)
     pairs = [(a, c) for a in starts for c in starts if c >= a]

@@ -25,7 +25,7 @@ from objretrieval.search.exact import (
     self_search,
 )
 from objretrieval.search.faiss_backend import FaissOptions, faiss_search, resolve_faiss_options
-from objretrieval.search.scoring import Metric, prepare, to_user_scores
+from objretrieval.search.scoring import Metric, mask_excluded, prepare, to_user_scores
 from objretrieval.search.sources import BlockSource, GalleryLike
 
 if TYPE_CHECKING:  # imported lazily at run time: objretrieval.distributed builds on this module
@@ -170,6 +170,8 @@ def knn(
     if options is not None and precision != "float32":
         raise ValueError(f"precision={precision!r} is an option of our own search, not of the faiss backend")
     if backend == "triton":
+        if isinstance(gallery, BlockSource) and gallery.tensor is not None:
+            gallery = gallery.tensor
         if not isinstance(gallery, (Tensor, type(None))):
             raise TypeError(f"backend='triton' searches a gallery tensor, got {type(gallery).__name__}")
         if progress:
@@ -242,32 +244,34 @@ def _kernel_knn(
     block_size: int,
     stats: SearchStats | None,
 ) -> Neighbors:
-    """``backend="triton"``: the fused kernel screens, exact scores rank, the torch engine redoes the rows the
-    kernel's candidates do not prove (see :func:`~objretrieval.search.exact.exact_topk_of_candidates`)."""
+    """``backend="triton"``: the fused kernel screens, exact scores rank, and the block engine redoes, on the
+    same prepared rows, the queries the kernel's candidates do not prove
+    (:func:`~objretrieval.search.exact.exact_topk_of_candidates`)."""
     from objretrieval.kernels.knn import MAX_K, fused_topk  # the kernels build on this module
 
     prepared = prepare(q, metric, device)
-    g_prep = (
-        prepared
-        if gallery is None
-        else prepare(check_embeddings(gallery, "gallery"), metric, device, like=prepared)
-    )
+    g = None if gallery is None else check_embeddings(gallery, "gallery")
+    g_prep = prepared if g is None else prepare(g, metric, device, like=prepared)
     if g_prep.vectors.shape[1] != prepared.vectors.shape[1]:
         raise ValueError(f"gallery has dim {g_prep.vectors.shape[1]} but queries have dim {q.shape[1]}")
     n = len(g_prep)
-    ex = torch.arange(len(prepared), device=device) if gallery is None else exclude
-    available = n - (0 if ex is None else 1)
+    ex = torch.arange(len(prepared)) if g is None else exclude
     _check_k_gallery(k, n, ex)
-    qs, gs = screen.rows(prepared), screen.rows(g_prep)
-    width = min(available, MAX_K, max(2 * k, k + _KERNEL_EXTRA))
+    ex = None if ex is None else ex.to(device)
+    available = torch.full((len(prepared),), n, device=device)
+    if ex is not None:
+        available -= ((ex >= 0) & (ex < n)).long()
+    qs, gs = screen.rows(prepared, "queries"), screen.rows(g_prep, "gallery")
+    # bfloat16 inputs leave a wider bound: more candidates, so that most rows are proven at once
+    extra = _KERNEL_EXTRA if screen.precision == "float32" else 4 * _KERNEL_EXTRA
     l2 = metric == "l2"
     screened, candidates = fused_topk(
         qs.operand,
         gs.operand,
-        width,
+        min(n, MAX_K, max(2 * k, k + extra)),
         query_sq_norms=prepared.sq_norms if l2 else None,
         gallery_sq_norms=g_prep.sq_norms if l2 else None,
-        exclude=None if ex is None else ex.to(device),
+        exclude=ex,
         backend="triton",
     )
     if stats is not None:
@@ -275,27 +279,17 @@ def _kernel_knn(
     scores, indices, redo = exact_topk_of_candidates(
         qs, gs, screened, candidates, k, screen, available, stats
     )
-    if redo.numel():  # rows whose k-th could still be beaten: the block engine, exact, on those rows only
-        rows = redo.cpu()
-        again = knn(
-            q[rows.to(q.device)],
-            q if gallery is None else gallery,
-            k=k,
-            metric=metric,
-            exclude=rows if gallery is None else (None if ex is None else ex.cpu()[rows]),
-            block_size=block_size,
-            device=device,
-            precision=screen.precision,
-            stats=stats,
-        )
-        scores[redo] = _internal(again.scores, metric)
-        indices[redo] = again.indices
+    if redo.numel():  # rows whose k-th could still be beaten: the block engine, on those rows only
+        rows = qs.select(redo)
+        state = ExactTopK(len(redo), k, device, stats)
+        redo_ex = None if ex is None else ex[redo]
+        for col in range(0, n, block_size):
+            block = gs.rows(col, col + block_size)
+            s = screen.scores(rows, block)
+            mask_excluded(s, redo_ex, 0, col)
+            state.update(0, s, col, rows.points, block.points, metric, screen.bounds(rows, block))
+        scores[redo], indices[redo] = state.scores, state.indices
     return Neighbors(to_user_scores(scores, metric), indices)
-
-
-def _internal(user_scores: Tensor, metric: Metric) -> Tensor:
-    """Back from what the API returns to "higher is better" (L2: minus the squared distance)."""
-    return -user_scores if metric == "l2" else user_scores
 
 
 def _warn_missing(indices: Tensor, k: int, options: FaissOptions) -> None:

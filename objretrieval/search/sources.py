@@ -71,6 +71,11 @@ class BlockSource:
         self._one_shot = not self.is_array and iter(source) is source  # generators can be read once
 
     @property
+    def tensor(self) -> Tensor | None:
+        """The gallery tensor this source slices, or None for other sources (arrays, files, iterables)."""
+        return self._source if isinstance(self._source, Tensor) else None
+
+    @property
     def reiterable(self) -> bool:
         return not self._one_shot
 

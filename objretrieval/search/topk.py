@@ -20,15 +20,25 @@ SPARSE_MIN_K = 24
 def sort_by_score_then_index(scores: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
     """Sort each row by score descending, ties by index ascending, and index -1 (a missing entry) last.
 
-    One sort of an int64 key: the float32 score mapped to an order-preserving int32 in the high half, the
-    inverted index in the low half (index 0 highest, -1 lowest). Indices must lie in [-1, 2**32 - 2]; -0.0 is
-    folded into +0.0 first so that equal scores get equal keys.
+    One sort of an int64 key (:func:`score_index_keys`). Indices must lie in [-1, 2**32 - 2].
     """
+    order = score_index_keys(scores, indices).argsort(dim=1, descending=True)
+    return scores.gather(1, order), indices.gather(1, order)
+
+
+def score_index_keys(scores: Tensor, indices: Tensor) -> Tensor:
+    """int64 keys ordering (float32 score descending, index ascending, index -1 last): the order-preserving
+    int32 of the score in the high half (-0.0 folded into +0.0), ``2**32 - 1 - index`` in the low half."""
     bits = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    key = (ordered << 32) + ((-1 - indices) & 0xFFFFFFFF)
-    order = key.argsort(dim=1, descending=True)
-    return scores.gather(1, order), indices.gather(1, order)
+    return (ordered << 32) + ((-1 - indices) & 0xFFFFFFFF)
+
+
+def keys_to_scores_and_indices(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """The inverse of :func:`score_index_keys`: (float32 scores, int64 indices) of int64 keys."""
+    ordered = (keys >> 32).to(torch.int32)
+    scores = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).view(torch.float32)
+    return scores, 0xFFFFFFFF - (keys & 0xFFFFFFFF)
 
 
 def _chunk_max(block: Tensor, n_chunks: int, chunk: int) -> Tensor:
