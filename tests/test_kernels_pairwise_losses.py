@@ -415,7 +415,11 @@ def compile_for_sm90() -> None:
         "_stats_tile": {**pointers, "out_ptr": "*fp32", **scalars},
         "_grad_tile": {**pointers, "c_ptr": "*fp32", "out_ptr": "*fp32", **scalars, "scale": "fp32"},
     }
-    blocks = {"BLOCK": kernels.MAX_TRITON_TILE, "BLOCK_K": kernels._BLOCK_K}
+    blocks = {
+        "BLOCK": kernels.MAX_TRITON_TILE,
+        "BLOCK_K": kernels._BLOCK_K,
+        "PAIRS": triton.jit(kernels._pair_tile),
+    }
     for name, constants in COMPILED:
         constants = {**constants, **blocks, **({"BLOCK_D": 128} if name == "_grad_tile" else {})}
         signature = {**signatures[name], **dict.fromkeys(constants, "constexpr")}

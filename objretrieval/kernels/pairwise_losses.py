@@ -259,9 +259,35 @@ def _torch_grad(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Triton tiles. The similarity tile loop is written in both kernels: a Triton kernel calls only jitted
-# functions, and ours are made on first use (see dispatch.jit).
+# Triton tiles. Both kernels walk the column tiles with _pair_tile, which reaches them as their PAIRS
+# argument (a kernel calls only jitted functions, and ours are made on first use: see dispatch.jit).
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _pair_tile(
+    e_ptr, y_ptr, rows, rows64, row_ok, y_rows, start, n, d, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """The (BLOCK, BLOCK) cosine similarities of a row tile against the column tile at ``start`` (float32
+    accumulation, tf32x3 products), and its positive and negative pair masks (self-pairs and padding out)."""
+    cols = start + tl.arange(0, BLOCK)
+    col_ok = cols < n
+    cols64 = cols.to(tl.int64)
+    s = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k in range(0, d, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        a = tl.load(
+            e_ptr + rows64[:, None] * d + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < d), other=0.0
+        )
+        b = tl.load(
+            e_ptr + cols64[:, None] * d + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < d), other=0.0
+        )
+        s += tl.dot(a, tl.trans(b), input_precision="tf32x3")
+    y_cols = tl.load(y_ptr + cols64, mask=col_ok, other=0)
+    valid = row_ok[:, None] & col_ok[None, :]
+    same = y_rows[:, None] == y_cols[None, :]
+    pos = valid & same & (rows[:, None] != cols[None, :])
+    neg = valid & ~same
+    return cols64, col_ok, s, pos, neg
 
 
 def _stats_tile(
@@ -280,6 +306,7 @@ def _stats_tile(
     WIDTH: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     """Row statistics of one row tile, over every column tile (online log-sum-exps); see the torch twins."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -301,24 +328,7 @@ def _stats_tile(
         a0 += float("inf")
         a1 += float("-inf")
     for start in range(0, n, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        col_ok = cols < n
-        cols64 = cols.to(tl.int64)
-        s = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-        for k in range(0, d, BLOCK_K):
-            ks = k + tl.arange(0, BLOCK_K)
-            a = tl.load(
-                e_ptr + rows64[:, None] * d + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < d), other=0.0
-            )
-            b = tl.load(
-                e_ptr + cols64[:, None] * d + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < d), other=0.0
-            )
-            s += tl.dot(a, tl.trans(b), input_precision="tf32x3")
-        y_cols = tl.load(y_ptr + cols64, mask=col_ok, other=0)
-        valid = row_ok[:, None] & col_ok[None, :]
-        same = y_rows[:, None] == y_cols[None, :]
-        pos = valid & same & (rows[:, None] != cols[None, :])
-        neg = valid & ~same
+        _, _, s, pos, neg = PAIRS(e_ptr, y_ptr, rows, rows64, row_ok, y_rows, start, n, d, BLOCK, BLOCK_K)
         if MINED:  # the multi-similarity miner's pairs (_mine)
             pos = pos & (s - p3 < hardest_neg[:, None])
             neg = neg & (s + p3 > hardest_pos[:, None])
@@ -394,6 +404,7 @@ def _grad_tile(
     BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     """One (row tile, feature block) of ``G E`` (or, ``TRANSPOSED``, of ``G^T E``: the tile's rows are then
     the references and the columns the anchors, whose row constants it reads), times ``scale``; the
@@ -405,24 +416,9 @@ def _grad_tile(
     y_rows = tl.load(y_ptr + rows64, mask=row_ok, other=0)
     acc = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
     for start in range(0, n, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        col_ok = cols < n
-        cols64 = cols.to(tl.int64)
-        s = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-        for k in range(0, d, BLOCK_K):
-            ks = k + tl.arange(0, BLOCK_K)
-            a = tl.load(
-                e_ptr + rows64[:, None] * d + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < d), other=0.0
-            )
-            b = tl.load(
-                e_ptr + cols64[:, None] * d + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < d), other=0.0
-            )
-            s += tl.dot(a, tl.trans(b), input_precision="tf32x3")
-        y_cols = tl.load(y_ptr + cols64, mask=col_ok, other=0)
-        valid = row_ok[:, None] & col_ok[None, :]
-        same = y_rows[:, None] == y_cols[None, :]
-        pos = valid & same & (rows[:, None] != cols[None, :])
-        neg = valid & ~same
+        cols64, col_ok, s, pos, neg = PAIRS(
+            e_ptr, y_ptr, rows, rows64, row_ok, y_rows, start, n, d, BLOCK, BLOCK_K
+        )
         # the anchors' row constants, broadcast along the tile's other axis
         if TRANSPOSED:
             anchor, anchor_ok = cols64, col_ok
@@ -473,6 +469,7 @@ def _grad_tile(
 
 _stats_kernel = jit(_stats_tile)
 _grad_kernel = jit(_grad_tile)
+_pair_kernel = jit(_pair_tile)
 
 
 def _triton_stats(loss: Any, e: Tensor, labels: Tensor, mining: Tensor | None, tile: int) -> Tensor:
@@ -490,6 +487,7 @@ def _triton_stats(loss: Any, e: Tensor, labels: Tensor, mining: Tensor | None, t
         WIDTH=loss.width,
         BLOCK=tile,
         BLOCK_K=_BLOCK_K,
+        PAIRS=_pair_kernel(),
     )
     return out
 
@@ -518,6 +516,7 @@ def _triton_grad(
             BLOCK=tile,
             BLOCK_K=_BLOCK_K,
             BLOCK_D=block_d,
+            PAIRS=_pair_kernel(),
             num_warps=_GRAD_WARPS,  # a (tile, BLOCK_D) float32 accumulator per program
         )
     return grad
