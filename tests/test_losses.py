@@ -51,6 +51,9 @@ def all_losses(num_classes: int, dim: int) -> list:
     ]
 
 
+NUM_LOSSES = len(all_losses(2, 4))  # every loss above, for the parametrised checks
+
+
 def brute_force_triplet(x: torch.Tensor, labels: torch.Tensor, margin: float, selection: str) -> torch.Tensor:
     f = F.normalize(x, dim=1)
     losses = []
@@ -129,7 +132,7 @@ def test_reference_embeddings_compare_against_the_references_only() -> None:
     torch.testing.assert_close(loss(x, y, ref_emb=r, ref_labels=ry), expected)
 
 
-@pytest.mark.parametrize("index", range(13))
+@pytest.mark.parametrize("index", range(NUM_LOSSES))
 def test_bf16_autocast_is_computed_in_float32(index: int) -> None:
     x, y = batch(dtype=torch.float32)
     net = torch.nn.Linear(12, 12)
@@ -146,7 +149,7 @@ def test_bf16_autocast_is_computed_in_float32(index: int) -> None:
     torch.testing.assert_close(value, reference(out.detach().float(), y), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("index", range(13))
+@pytest.mark.parametrize("index", range(NUM_LOSSES))
 def test_half_precision_inputs(index: int) -> None:
     x, y = batch(dtype=torch.float32)
     x = (x / 4).half().requires_grad_(True)  # small values: e^{alpha s} would overflow float16
@@ -322,7 +325,7 @@ def test_unsupported_reference_embeddings_are_rejected() -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("index", range(13))
+@pytest.mark.parametrize("index", range(NUM_LOSSES))
 def test_cuda_autocast_matches_cpu(index: int) -> None:
     x, y = batch(dtype=torch.float32)
     cpu_loss = all_losses(6, 12)[index]
