@@ -563,7 +563,7 @@ _WEIGHTS = "https://ptak.felk.cvut.cz/personal/sumapave/public/ames/networks/{}.
 _PAPER = "Suma et al., AMES: Asymmetric and Memory-Efficient Similarity Estimation, ECCV 2024"
 
 
-def _pretrained(name: str, descriptor: str) -> PretrainedCfg:
+def _pretrained(name: str, descriptor: str, expected: tuple[float, float, float, float]) -> PretrainedCfg:
     return PretrainedCfg(
         url=_WEIGHTS.format(name),
         sha256=None,  # the authors publish no digest and the file could not be fetched to compute one
@@ -571,22 +571,33 @@ def _pretrained(name: str, descriptor: str) -> PretrainedCfg:
         descriptor=descriptor,
         license="see github.com/pavelsuma/ames",
         paper=_PAPER,
-        notes="Trained on GLDv2. The checkpoint may pickle training objects: if weights_only loading refuses "
-        "it, pass weights_only=False for this trusted file.",
+        notes="The checkpoint may pickle training objects: if weights_only loading refuses it, pass "
+        "weights_only=False for this trusted file.",
+        trained_on="GLDv2 (Google Landmarks v2)",
+        expected=tuple(
+            (f"{dataset} mAP, {protocol} (reranking SuperGlobal's ranking; authors' README)", value)
+            for (dataset, protocol), value in zip(_PROTOCOLS, expected, strict=True)
+        ),
     )
 
 
+_PROTOCOLS = (("ROxford", "medium"), ("ROxford", "hard"), ("RParis", "medium"), ("RParis", "hard"))
 _DINOV2 = "DINOv2 ViT-B/14-reg local descriptors, 768-d (600 per query, 50 per database image)"
 _CVNET = "CVNet ResNet-101 res4 local descriptors, 1024-d, 3 scales (600 per query, 50 per database image)"
 
 
-@register_model(pretrained=_pretrained("dinov2_ames", _DINOV2), formats=[AMES_OFFICIAL])
+@register_model(
+    pretrained=_pretrained("dinov2_ames", _DINOV2, (92.7, 83.7, 95.2, 90.6)), formats=[AMES_OFFICIAL]
+)
 def dinov2_ames(**overrides: Any) -> AMES:
     """AMES on DINOv2 local descriptors, full precision (ROxford M/H 92.7/83.7, RParis 95.2/90.6)."""
     return AMES(**{"local_dim": 768, "fusion": AMES_FUSION["dinov2_ames"], **overrides})
 
 
-@register_model(pretrained=_pretrained("dinov2_ames_dist", _DINOV2 + ", binarized"), formats=[AMES_OFFICIAL])
+@register_model(
+    pretrained=_pretrained("dinov2_ames_dist", _DINOV2 + ", binarized", (91.1, 82.2, 95.2, 90.2)),
+    formats=[AMES_OFFICIAL],
+)
 def dinov2_ames_dist(**overrides: Any) -> AMES:
     """AMES on binarized DINOv2 local descriptors, 128 bits each (ROxford 91.1/82.2, RParis 95.2/90.2)."""
     return AMES(
@@ -594,13 +605,18 @@ def dinov2_ames_dist(**overrides: Any) -> AMES:
     )
 
 
-@register_model(pretrained=_pretrained("cvnet_ames", _CVNET), formats=[AMES_OFFICIAL])
+@register_model(
+    pretrained=_pretrained("cvnet_ames", _CVNET, (89.2, 78.7, 93.4, 86.8)), formats=[AMES_OFFICIAL]
+)
 def cvnet_ames(**overrides: Any) -> AMES:
     """AMES on CVNet local descriptors, full precision (ROxford M/H 89.2/78.7, RParis 93.4/86.8)."""
     return AMES(**{"local_dim": 1024, "fusion": AMES_FUSION["cvnet_ames"], **overrides})
 
 
-@register_model(pretrained=_pretrained("cvnet_ames_dist", _CVNET + ", binarized"), formats=[AMES_OFFICIAL])
+@register_model(
+    pretrained=_pretrained("cvnet_ames_dist", _CVNET + ", binarized", (88.8, 77.5, 93.2, 86.3)),
+    formats=[AMES_OFFICIAL],
+)
 def cvnet_ames_dist(**overrides: Any) -> AMES:
     """AMES on binarized CVNet local descriptors, 128 bits each (ROxford 88.8/77.5, RParis 93.2/86.3)."""
     return AMES(

@@ -54,6 +54,9 @@ class PretrainedCfg:
         license: license of the weights.
         paper: citation or URL of the paper.
         notes: anything else a user should know.
+        trained_on: the data the weights were trained on.
+        expected: ``(what, value)`` results the paper or the authors report for these weights (e.g.
+            ``("ROxford mAP, medium", 92.7)``), what an evaluation with them should reproduce.
     """
 
     url: str | None = None
@@ -68,6 +71,8 @@ class PretrainedCfg:
     license: str | None = None
     paper: str | None = None
     notes: str | None = None
+    trained_on: str | None = None
+    expected: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.sha256 is not None and not _SHA256.fullmatch(self.sha256):
@@ -248,6 +253,49 @@ def list_models(pattern: str | None = None, *, pretrained: bool = False) -> list
     if pretrained:
         names = [n for n in names if _REGISTRY[n].has_pretrained]
     return names
+
+
+def model_card(name: str) -> str:
+    """A markdown model card of the pretrained configuration ``name`` (``"model.tag"`` or ``"model"`` for its
+    first tag): source, license, input, training data, the numbers reported for it, and notes."""
+    model, given = split_model_name(name)
+    entry = get_model_entry(name)
+    cfg = entry.pretrained_cfg(given)
+    tag = given or next(t for t, c in entry.pretrained_cfgs.items() if c is cfg)
+    rows = [
+        ("weights", cfg.url),
+        ("sha256", cfg.sha256 or "not published"),
+        ("checkpoint format", cfg.checkpoint_format),
+        ("license", cfg.license),
+        ("paper", cfg.paper),
+        ("input", cfg.descriptor),
+        ("image size", None if cfg.input_size is None else " x ".join(map(str, cfg.input_size))),
+        ("normalisation", None if cfg.mean is None else f"mean {cfg.mean}, std {cfg.std}"),
+        ("trained on", cfg.trained_on),
+    ]
+    lines = [f"## `{model}.{tag}`", "", f'`create_model("{model}.{tag}", pretrained=True)`', ""]
+    lines += ["| | |", "|---|---|"] + [f"| {key} | {value} |" for key, value in rows if value is not None]
+    if cfg.expected:
+        lines += ["", "Reported results:", "", "| | |", "|---|---|"]
+        lines += [f"| {what} | {value:g} |" for what, value in cfg.expected]
+    if cfg.notes:
+        lines += ["", cfg.notes]
+    return "\n".join(lines) + "\n"
+
+
+def model_cards() -> str:
+    """The model cards page of the docs (``docs/model_cards.md``): one :func:`model_card` per pretrained
+    configuration. Regenerate the page with
+    ``uv run python -c "from objretrieval.models.registry import model_cards; print(model_cards(), end='')"
+    > docs/model_cards.md``."""
+    intro = (
+        "# Model cards\n\n"
+        "One card per pretrained configuration (`objretrieval.list_pretrained()`), generated from the registry's\n"
+        "metadata (`objretrieval.models.registry.model_cards`; a test keeps this page equal to it). The reported\n"
+        "results are the paper's or the authors' numbers for these weights, not measured here: the weights are\n"
+        "downloaded on first use, which this project's test machines cannot do.\n"
+    )
+    return intro + "".join("\n" + model_card(name) for name in list_pretrained())
 
 
 def list_pretrained(pattern: str | None = None) -> list[str]:
