@@ -122,7 +122,7 @@ class TripletMarginLoss(MetricLoss):
             weights = count_an.to(d.dtype).neg_().scatter_add_(1, slots, count_slot.to(d.dtype))
             # "mean" over every triplet considered: all of them, or the selected ones (all active)
             considered = (num_pos * neg.sum(1)).sum() if self.selection == "all" else active
-        total = torch.dot(weights.flatten(), d.flatten()) + self.margin * active
+        total = torch.dot(weights.flatten(), d.flatten()) + self.margin * active.to(d.dtype)  # not float32
         return total / reduction_divisor(self.reduction, active, considered)
 
     def _count_compact(
