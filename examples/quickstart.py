@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from objretrieval import RetrievalEvaluator, knn
 from objretrieval.losses import ContextualLoss
 from objretrieval.samplers import MPerClassSampler
+from objretrieval.visualization import draw_neighbours
 
 METRICS = ["recall@1", "recall@2", "recall@4", "recall@8", "map@r"]
 
@@ -72,31 +73,19 @@ def save_neighbours(
     """One query per class (left column) and its k nearest neighbours among the other test images."""
     classes = torch.unique(labels)
     picks = torch.stack([(labels == c).nonzero()[0, 0] for c in classes])
-    _, neighbours = knn(embeddings[picks], embeddings, k=k, exclude=picks)
-    queries = len(picks)
-    fig, axes = plt.subplots(queries, k + 1, figsize=(1.4 * (k + 1), 1.4 * queries))
-    for row, (q, found) in enumerate(zip(picks.tolist(), neighbours.tolist(), strict=True)):
-        for col, index in enumerate([q, *found]):
-            ax = axes[row, col]
-            ax.imshow(images[index, 0], cmap="gray_r")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            colour = "black" if col == 0 else ("green" if labels[index] == labels[q] else "red")
-            for spine in ax.spines.values():
-                spine.set_edgecolor(colour)
-                spine.set_linewidth(3)
-        axes[row, 0].set_ylabel(f"query {int(labels[q])}")
-    axes[0, 0].set_title("query")
-    for col in range(1, k + 1):
-        axes[0, col].set_title(f"#{col}")
-    fig.suptitle(
-        "Trained model: a query per unseen digit (left) and its nearest neighbours\n"
-        "green = same digit, red = another digit",
-        fontsize=10,
-    )
-    fig.tight_layout()
+    neighbours = knn(embeddings[picks], embeddings, k=k, exclude=picks)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig = draw_neighbours(
+        images[picks],
+        images,
+        neighbours,
+        query_labels=labels[picks],
+        gallery_labels=labels,
+        title="Trained model: a query per unseen digit (left) and its nearest neighbours\n"
+        "green = same digit, red = another digit",
+        cmap="gray_r",
+        path=path,
+    )
     plt.close(fig)
 
 

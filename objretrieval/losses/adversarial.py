@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from objretrieval._validation import check_embeddings, check_positive_int
+from objretrieval.display import ConfigRepr
 from objretrieval.precision import compute_dtype, full_precision, upcast
 
 
@@ -28,7 +29,7 @@ def grad_reverse(x: Tensor, scale: float = 1.0) -> Tensor:
     return _GradientReversal.apply(x, scale)
 
 
-class AdversarialDecorrelationLoss(nn.Module):
+class AdversarialDecorrelationLoss(ConfigRepr, nn.Module):
     """Decorrelate MIC's class embedding from its shared (interclass) embedding.
 
     A projection network R (Linear(aux_dim, proj_dim), ReLU, Linear(proj_dim, class_dim)) learns to predict the

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from objretrieval._validation import check_label_range, check_labels, check_number, check_positive_int
+from objretrieval.display import ConfigRepr
 from objretrieval.losses.base import masked_log1p_sum_exp
 from objretrieval.miners.distance_weighted import sample_rows
 from objretrieval.models.avsl import AVSL, AttributableSimilarity, AVSLFeatures, LevelDistances
@@ -91,7 +92,7 @@ def _proxy_anchor_margins(
     )
 
 
-class _AVSLLoss(nn.Module):
+class _AVSLLoss(ConfigRepr, nn.Module):
     """Shared plumbing: input checks, the level weights and the weighted total.
 
     Attributes:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from objretrieval._validation import check_label_range
 from objretrieval.batch import LabelComparison, MinedPairs, MinedTriplets, PairBatch, make_pair_batch
+from objretrieval.display import ConfigRepr
 from objretrieval.precision import compute_dtype, full_precision
 
 #: How per-pair or per-triplet losses are averaged (pytorch-metric-learning's reducers):
@@ -30,7 +31,7 @@ Reduction = Literal["mean_nonzero", "mean", "sum"]
 _Loss = TypeVar("_Loss", bound="MetricLoss")
 
 
-class MetricLoss(nn.Module):
+class MetricLoss(ConfigRepr, nn.Module):
     """Base class: subclasses implement :meth:`compute_loss` on a :class:`PairBatch`.
 
     Class attributes a subclass may override:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from objretrieval._validation import check_embeddings, check_labels, check_positive_int
 from objretrieval.batch import MinedPairs, MinedTriplets, as_mined
+from objretrieval.display import ConfigRepr
 from objretrieval.distributed.world import (
     Group,
     all_gather_uneven,
@@ -37,7 +38,7 @@ class _Ring(NamedTuple):
     filled: int
 
 
-class CrossBatchMemory(nn.Module):
+class CrossBatchMemory(ConfigRepr, nn.Module):
     """Wrap a loss so that each batch is compared with a queue of the last ``size`` embeddings seen.
 
     Each call first enqueues the batch (detached), overwriting the oldest rows, then returns

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from objretrieval._validation import check_finite_values, check_number, check_positive_int
+from objretrieval.display import ConfigRepr
 from objretrieval.distributed.world import all_reduce_sum_
 from objretrieval.precision import compute_dtype, full_precision, upcast
 
@@ -36,7 +37,7 @@ def teacher_temperature_schedule(
     )
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(ConfigRepr, nn.Module):
     """Cross-entropy between centred, sharpened teacher outputs and student outputs of the other views.
 
     Args:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from objretrieval._validation import check_choice, check_finite_values, check_number
+from objretrieval.display import ConfigRepr
 from objretrieval.precision import compute_dtype, full_precision, upcast
 
 Reduction = Literal["mean", "sum", "none"]
@@ -57,7 +58,7 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
     return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
 
 
-class PairBCELoss(nn.Module):
+class PairBCELoss(ConfigRepr, nn.Module):
     """Binary cross-entropy on pair logits: ``-[y log s(x) + (1 - y) log(1 - s(x))]``.
 
     Args:
@@ -85,7 +86,7 @@ class PairBCELoss(nn.Module):
         return _reduce(loss, self.reduction)
 
 
-class PairDistillationLoss(nn.Module):
+class PairDistillationLoss(ConfigRepr, nn.Module):
     """``alpha * BCE(student, labels) + (1 - alpha) * distillation(student, teacher)`` on pair logits.
 
     For training the binarized AMES student from a frozen full-precision teacher on the same pairs.

@@ -19,6 +19,7 @@ from objretrieval._validation import (
     check_ranking,
     to_tensor,
 )
+from objretrieval.display import retrieval_result_html
 from objretrieval.distributed.world import Group
 from objretrieval.metrics.clustering import kmeans
 from objretrieval.metrics.ranks import (
@@ -69,6 +70,10 @@ class RetrievalResult:
         lines = [f"{name:<{width}}  {value:.4f}" for name, value in self.metrics.items()]
         lines.append(f"({self.num_queries} queries, {self.num_without_relevant} without relevant items)")
         return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        """The metric table Jupyter shows (see :func:`objretrieval.display.retrieval_result_html`)."""
+        return retrieval_result_html(self)
 
 
 class RetrievalEvaluator:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from objretrieval._validation import check_choice, check_positive_int, check_ranking
+from objretrieval.display import gldv2_result_html, revisited_result_html
 from objretrieval.metrics.ranks import RelevantRanks, left_align
 from objretrieval.metrics.retrieval import average_precision, trapezoidal_average_precision
 
@@ -64,6 +65,10 @@ class RevisitedResult:
             out[f"{key}_mp"] = np.around(res.mean_precision.numpy() * 100, decimals=3).tolist()
         return out
 
+    def _repr_html_(self) -> str:
+        """The table Jupyter shows (see :func:`objretrieval.display.revisited_result_html`)."""
+        return revisited_result_html(self)
+
 
 @dataclass(frozen=True)
 class GLDv2Result:
@@ -73,6 +78,10 @@ class GLDv2Result:
     ap: Tensor
     public: float | None = None
     private: float | None = None
+
+    def _repr_html_(self) -> str:
+        """The table Jupyter shows (see :func:`objretrieval.display.gldv2_result_html`)."""
+        return gldv2_result_html(self)
 
 
 def _as_ranking(ranking: Any) -> Tensor:

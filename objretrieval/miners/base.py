@@ -6,12 +6,13 @@ import torch
 from torch import Tensor, nn
 
 from objretrieval.batch import LabelComparison, Mined, MinedPairs, MinedTriplets, PairBatch, make_pair_batch
+from objretrieval.display import ConfigRepr
 from objretrieval.precision import full_precision
 
 __all__ = ["Mined", "MinedPairs", "MinedTriplets", "Miner"]
 
 
-class Miner(nn.Module):
+class Miner(ConfigRepr, nn.Module):
     """Base class of miners: :meth:`mine` selects pairs or triplets of a :class:`~objretrieval.batch.PairBatch`.
 
     Call like pytorch-metric-learning's miners: ``miner(embeddings, labels, ref_emb=None, ref_labels=None)``;

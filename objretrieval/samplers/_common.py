@@ -28,6 +28,7 @@ import numpy.typing as npt
 from torch.utils.data import Sampler
 
 from objretrieval._validation import check_choice, check_labels, check_positive_int
+from objretrieval.display import config_repr
 from objretrieval.distributed import world as distributed
 
 SmallClasses = Literal["error", "replace", "drop"]
@@ -319,6 +320,10 @@ class ChunkBatchSampler(Sampler[list[int]]):
         self.seed = check_seed(seed, "seed")
         self.rank, self.world_size = resolve_world(rank, world_size)
         self.epoch = 0
+
+    def __repr__(self) -> str:
+        # samplers are not nn.Modules: the same constructor-argument listing as the losses' extra_repr
+        return f"{type(self).__name__}({config_repr(self)})"
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose batches the next iteration yields (call it before every epoch, as with

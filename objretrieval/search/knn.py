@@ -14,6 +14,7 @@ from objretrieval._validation import (
     check_positive_int,
     to_tensor,
 )
+from objretrieval.display import neighbors_html
 from objretrieval.search.exact import (
     PRECISIONS,
     ExactTopK,
@@ -68,6 +69,10 @@ class Neighbors(NamedTuple):
     def num_missing(self) -> int:
         """Number of missing slots over all queries."""
         return int(self.missing.sum())
+
+    def _repr_html_(self) -> str:
+        """A truncated (Q, k) table of ``index (score)`` (see :func:`objretrieval.display.neighbors_html`)."""
+        return neighbors_html(self)
 
 
 def knn(
