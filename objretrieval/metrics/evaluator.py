@@ -32,6 +32,7 @@ from objretrieval.metrics.ranks import (
 )
 from objretrieval.metrics.registry import NeighborLists, Request, resolve
 from objretrieval.metrics.retrieval import NoRelevantPolicy, reduce_queries
+from objretrieval.progress import show_progress
 from objretrieval.search import METRICS, Backend, FaissOptions, Metric, knn
 from objretrieval.search.exact import PRECISIONS, Precision, SearchStats
 from objretrieval.search.faiss_backend import resolve_faiss_options
@@ -111,7 +112,8 @@ class RetrievalEvaluator:
             default an exact flat index).
         block_size: gallery rows per block.
         device: where to search; default the queries' device.
-        progress: show progress bars.
+        progress: show progress bars; None (the default): only for long searches
+            (:func:`objretrieval.progress.show_progress`).
         kmeans_seed: seed of the clustering metrics' k-means.
         precision: screening products of the torch kNN: ``"float32"`` or ``"bf16-exact"`` (bfloat16 products,
             then exact scores for every pair that can still enter a top-k: identical values, faster on CPUs
@@ -132,7 +134,7 @@ class RetrievalEvaluator:
         faiss: FaissOptions | None = None,
         block_size: int = 4096,
         device: torch.device | str | None = None,
-        progress: bool = False,
+        progress: bool | None = None,
         kmeans_seed: int = 1234,
         precision: Precision = "float32",
     ) -> None:
@@ -355,7 +357,9 @@ class RetrievalEvaluator:
                 exclude=relevance.exclude,
                 device=device,
                 block_size=self.block_size,
-                progress=self.progress,
+                progress=show_progress(
+                    self.progress, q.shape[0] * relevance.gallery_labels.shape[0] * q.shape[1]
+                ),
                 num_relevant=num_relevant,
                 label_comparison_fn=self.label_comparison_fn,
             )

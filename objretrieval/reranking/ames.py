@@ -25,6 +25,7 @@ from objretrieval._validation import (
 )
 from objretrieval.descriptors.store import BinaryCodeStore, DescriptorStore, PathLike
 from objretrieval.models.ames import AMES, ProjectedDescriptors
+from objretrieval.progress import show_progress
 from objretrieval.search.pairwise import check_pairs
 
 #: What an image source holds: raw local descriptors, packed binary codes, or projected (cached) tokens.
@@ -170,9 +171,11 @@ class DatabaseCache:
         max_descriptors: int = 50,
         block_size: int = 1024,
         device: torch.device | str | None = None,
-        progress: bool = False,
+        progress: bool | None = None,
     ) -> DatabaseCache:
         """Project a database streamed in blocks from a :class:`DescriptorStore` or (descriptors, padding).
+
+        ``progress``: a bar over the blocks; None (the default): for databases of 10,000 images or more.
 
         Raises:
             ValueError: on NaN/inf descriptors or an image without any real descriptor, naming the image.
@@ -189,7 +192,10 @@ class DatabaseCache:
         keeps, parts = [], []
         blocks = source.blocks(block_size)
         for local, pad in tqdm(
-            blocks, total=-(-source.size // block_size), disable=not progress, desc="projecting"
+            blocks,
+            total=-(-source.size // block_size),
+            disable=not show_progress(progress, source.size, "images"),
+            desc="projecting",
         ):
             local, pad = local.to(device), pad.to(device)
             if model.binarized:

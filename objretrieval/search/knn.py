@@ -15,6 +15,7 @@ from objretrieval._validation import (
     to_tensor,
 )
 from objretrieval.display import neighbors_html
+from objretrieval.progress import show_progress
 from objretrieval.search.exact import (
     PRECISIONS,
     ExactTopK,
@@ -87,7 +88,7 @@ def knn(
     block_size: int | None = None,
     query_block_size: int = 4096,
     device: torch.device | str | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     precision: Precision = "float32",
     stats: SearchStats | None = None,
     group: Group | None = None,
@@ -121,7 +122,8 @@ def knn(
             block still holds about 16M entries (large matrix products run faster).
         query_block_size: query rows scored against one gallery block at once (torch backend).
         device: where to compute; default the queries' device. Results are returned there.
-        progress: show a tqdm progress bar over gallery blocks.
+        progress: show a tqdm progress bar over gallery blocks; None (the default): only for long searches
+            (:func:`objretrieval.progress.show_progress`, above 1e12 multiply-adds).
         precision: the screening products of the torch backend: ``"float32"``, or ``"bf16-exact"``: bfloat16
             products (about 2.6x the float32 rate on AVX-512 BF16 CPUs, more on GPUs) with a rigorous error
             bound, and exact scores for every pair within it of a row's k-th. Results are identical to
@@ -145,7 +147,7 @@ def knn(
     """
     precision = check_choice(precision, "precision", PRECISIONS)
     if group is not None:
-        if exclude is not None or backend != "torch" or faiss is not None or progress:
+        if exclude is not None or backend != "torch" or faiss is not None or progress is True:
             raise ValueError("knn(group=...) supports the torch backend only, without exclude or progress")
         if not isinstance(queries, Tensor) or not isinstance(gallery, (Tensor, type(None))):
             raise TypeError("knn(group=...) takes this rank's queries and gallery shard as tensors")
@@ -165,6 +167,10 @@ def knn(
         )
     q = check_embeddings(queries, "queries")
     k = check_positive_int(k, "k")
+    gallery_rows = q.shape[0] if gallery is None else getattr(gallery, "num_rows", None) or _rows(gallery)
+    progress = show_progress(
+        progress, None if gallery_rows is None else q.shape[0] * gallery_rows * q.shape[1]
+    )
     query_block_size = check_positive_int(query_block_size, "query_block_size")
     if block_size is None:
         block_size = 4096 if gallery is None else default_block_size(min(q.shape[0], query_block_size))
@@ -179,7 +185,7 @@ def knn(
             gallery = gallery.tensor
         if not isinstance(gallery, (Tensor, type(None))):
             raise TypeError(f"backend='triton' searches a gallery tensor, got {type(gallery).__name__}")
-        if progress:
+        if progress is True:
             raise ValueError("progress is not available with backend='triton' (one kernel call)")
     screen = Screen(metric, precision)
     if stats is not None:
@@ -295,6 +301,12 @@ def _kernel_knn(
             state.update(0, s, col, rows.points, block.points, metric, screen.bounds(rows, block))
         scores[redo], indices[redo] = state.scores, state.indices
     return Neighbors(to_user_scores(scores, metric), indices)
+
+
+def _rows(gallery: object) -> int | None:
+    """Rows of an array-like gallery; None for iterables, whose size shows only once read."""
+    shape = getattr(gallery, "shape", None)
+    return None if shape is None or len(shape) == 0 else int(shape[0])
 
 
 def _warn_missing(indices: Tensor, k: int, options: FaissOptions) -> None:

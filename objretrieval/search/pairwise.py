@@ -33,6 +33,7 @@ from objretrieval.distributed.world import (
     shard_range,
     world_size,
 )
+from objretrieval.progress import show_progress
 from objretrieval.search.knn import Neighbors
 from objretrieval.search.scoring import mask_excluded
 from objretrieval.search.topk import RunningTopK, sort_by_score_then_index
@@ -226,7 +227,7 @@ def pairwise_knn(
     query_block_size: int = 32,
     gallery_block_size: int = 32,
     pair_chunk_size: int = 4096,
-    progress: bool = False,
+    progress: bool | None = None,
     group: Group | None = None,
 ) -> Neighbors:
     """The ``k`` best-scoring gallery items of every query under a pairwise scorer.
@@ -243,7 +244,8 @@ def pairwise_knn(
         query_block_size: queries per block (exhaustive mode); with a symmetric scorer, blocks are square.
         gallery_block_size: gallery items per block (exhaustive mode, non-symmetric scorers).
         pair_chunk_size: pairs scored per call in candidates mode.
-        progress: show a progress bar.
+        progress: show a progress bar; None (the default): only above 1e5 scored pairs
+            (:func:`objretrieval.progress.show_progress`).
         group: share the work over this process group's ranks (e.g. ``torch.distributed.group.WORLD``):
             each rank scores a contiguous run of the blocks one process would score (the symmetric walk's
             too, mirror included; candidates mode: of the pair chunks, :func:`score_candidates`), and every
@@ -276,6 +278,7 @@ def pairwise_knn(
         return _rescore(scorer, k, candidates, exclude_self, pair_chunk_size, group)
     exclude = torch.arange(q, device=scorer.device) if exclude_self else None
     top = RunningTopK(q, k, scorer.device)
+    progress = show_progress(progress, q * n, "scorer_pairs")
 
     def search() -> tuple[RunningTopK, Hashable]:
         if symmetric:
