@@ -245,3 +245,12 @@ def test_neighbors_html_marks_missing_slots() -> None:
 def test_module_losses_outside_metric_loss_print_their_arguments(loss: Any, shown: str) -> None:
     text = repr(loss())
     assert shown in text, text
+
+
+def test_models_print_their_configuration_above_their_layers() -> None:
+    import objretrieval
+
+    ames = objretrieval.create_model("dinov2_ames", num_encoder_layers=1, binarized=True)
+    assert repr(ames).splitlines()[1].strip().startswith("local_dim=768, model_dim=128, binarized=True")
+    mic = objretrieval.create_model("mic_resnet10", class_dim=32)
+    assert "class_dim=32" in repr(mic).splitlines()[1]

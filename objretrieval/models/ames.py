@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from objretrieval._validation import check_choice, check_finite_values, check_not_all_padded
+from objretrieval.display import ConfigRepr
 from objretrieval.kernels.dispatch import measured_faster
 from objretrieval.models.binary import pack_bits, signs_from_bits
 from objretrieval.models.registry import CheckpointFormat, PretrainedCfg, register_model
@@ -325,7 +326,7 @@ class ProjectedDescriptors:
     keep: Tensor
 
 
-class AMES(nn.Module):
+class AMES(ConfigRepr, nn.Module):
     """The AMES transformer. Arguments and parameter names follow the official code.
 
     Args:

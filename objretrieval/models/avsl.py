@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from objretrieval.display import ConfigRepr
 from objretrieval.distributed.world import Group, all_gather_uneven, all_reduce_mean_
 from objretrieval.models.checkpoint import unwrap_state_dict
 from objretrieval.models.registry import CheckpointFormat, PretrainedCfg, register_model
@@ -257,7 +258,7 @@ class NodeDistances(NamedTuple):
     propagated: tuple[Tensor, ...]
 
 
-class AttributableSimilarity(nn.Module):
+class AttributableSimilarity(ConfigRepr, nn.Module):
     """AVSL's similarity graph: link statistics between levels and the learnt node reliabilities.
 
     Args:
@@ -418,7 +419,7 @@ class AttributableSimilarity(nn.Module):
         return nodes
 
 
-class AVSL(nn.Module):
+class AVSL(ConfigRepr, nn.Module):
     """AVSL: a ResNet trunk, per-level embeddings and the attributable similarity graph.
 
     Args:

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from objretrieval.display import ConfigRepr
 from objretrieval.models.registry import CheckpointFormat, register_model
 
 
-class GeM(nn.Module):
+class GeM(ConfigRepr, nn.Module):
     """Generalised-mean pooling with a learnable exponent ``p`` (CVNet's global head)."""
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:

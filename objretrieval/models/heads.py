@@ -9,9 +9,10 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from objretrieval._validation import check_positive_int
+from objretrieval.display import ConfigRepr
 
 
-class DINOHead(nn.Module):
+class DINOHead(ConfigRepr, nn.Module):
     """DINO's projection head: MLP -> L2 normalisation -> weight-normalised linear layer without bias.
 
     ``Linear(in, hidden) -> GELU -> [Linear(hidden, hidden) -> GELU] * (nlayers - 2) -> Linear(hidden,

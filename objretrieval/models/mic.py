@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from objretrieval._validation import check_positive_int
+from objretrieval.display import ConfigRepr
 from objretrieval.models.checkpoint import unwrap_state_dict
 from objretrieval.models.registry import CheckpointFormat, PretrainedCfg, register_model
 from objretrieval.models.resnet import (
@@ -49,7 +50,7 @@ class MICOutput(NamedTuple):
     pooled: Tensor
 
 
-class MIC(nn.Module):
+class MIC(ConfigRepr, nn.Module):
     """MIC's network: a :class:`~objretrieval.models.ResNetTrunk` and the class and shared linear heads.
 
     Args:

@@ -22,11 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from objretrieval._validation import check_finite_values, check_padded_sets
+from objretrieval.display import ConfigRepr
 from objretrieval.models.heads import DINOHead, rename_weight_norm_keys
 from objretrieval.models.registry import CheckpointFormat, PretrainedCfg, register_model
 
 
-class MILEAggregator(nn.Module):
+class MILEAggregator(ConfigRepr, nn.Module):
     """The gated cross-attention update of a set latent by one new image embedding.
 
     Parameter names follow the official ``CrossAttentionBlock``: separate LayerNorms (eps 1e-5) on the
@@ -149,7 +150,7 @@ class MILEAggregator(nn.Module):
         return torch.stack(steps, dim=1) if return_steps else latent
 
 
-class MILE(nn.Module):
+class MILE(ConfigRepr, nn.Module):
     """MILE: a LoRA-tuned DINOv2 ViT with registers and the incremental set aggregator.
 
     Args:

@@ -32,6 +32,7 @@ from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from objretrieval._validation import check_choice, check_embeddings, check_labels, check_positive_int
 from objretrieval.losses.adversarial import AdversarialDecorrelationLoss
@@ -40,6 +41,7 @@ from objretrieval.metrics.clustering import kmeans
 from objretrieval.miners.distance_weighted import DistanceWeightedMiner
 from objretrieval.models.checkpoint import compare_state_dicts
 from objretrieval.models.mic import MIC, MICOutput
+from objretrieval.progress import show_progress
 
 Task = Literal["class", "shared"]
 TASKS: tuple[Task, ...] = get_args(Task)  # in step order
@@ -360,20 +362,25 @@ class MICTraining(nn.Module):
         return MICStepStats(**stats)
 
     @torch.no_grad()
-    def collect(self, fn: Callable[[Tensor], Tensor], batches: Iterable[Any]) -> Tensor:
+    def collect(
+        self, fn: Callable[[Tensor], Tensor], batches: Iterable[Any], *, progress: bool | None = None
+    ) -> Tensor:
         """``fn`` over image batches in eval mode, concatenated on the CPU; the training mode is restored.
 
         Args:
             fn: e.g. ``model.cluster_features`` or ``lambda x: model(x).shared_embedding``.
             batches: image tensors (B, 3, H, W) or tuples whose first element is one (a ``DataLoader`` over the
                 training images in dataset order, with evaluation transforms).
+            progress: a bar over the batches; None (the default): for a ``DataLoader`` of 10,000 images or more.
         """
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
         try:
             out = []
-            for batch in batches:
+            dataset: Any = getattr(batches, "dataset", None)
+            show = show_progress(progress, len(dataset) if hasattr(dataset, "__len__") else None, "images")
+            for batch in tqdm(batches, disable=not show, desc="collect", unit="batch"):
                 images = batch[0] if isinstance(batch, (tuple, list)) else batch
                 out.append(fn(images.to(device)).float().cpu())
         finally:
