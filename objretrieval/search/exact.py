@@ -44,7 +44,15 @@ from typing import Literal, NamedTuple, get_args
 import torch
 from torch import Tensor
 
-from objretrieval.search.scoring import Metric, Prepared, mask_excluded, prepare, score_block
+from objretrieval.search.scoring import (
+    Metric,
+    Prepared,
+    buffer_view,
+    gram_scores,
+    mask_excluded,
+    prepare,
+    score_block,
+)
 from objretrieval.search.sources import BlockSource
 from objretrieval.search.topk import sort_by_score_then_index
 
@@ -214,18 +222,10 @@ class Screen:
                 if self.metric != "l2":
                     return score_block(q.prepared, g.prepared, self.metric, out=out)
                 # the Gram formula alone: its cancellation is inside the bound, the exact scores correct it
-                assert q.prepared.sq_norms is not None and g.prepared.sq_norms is not None
-                s = torch.addmm(
-                    -g.prepared.sq_norms,
-                    q.prepared.vectors,
-                    g.prepared.vectors.T,
-                    alpha=2.0,
-                    out=_view(out, (len(q), len(g)), torch.float32),
-                )
-                return s.sub_(q.prepared.sq_norms[:, None])
+                return gram_scores(q.prepared, g.prepared, buffer_view(out, (len(q), len(g)), torch.float32))
         assert q.low is not None and g.low is not None
         with _bounded_products(q.low.device):
-            s = torch.mm(q.low, g.low.T, out=_view(out, (len(q), len(g)), torch.bfloat16))
+            s = torch.mm(q.low, g.low.T, out=buffer_view(out, (len(q), len(g)), torch.bfloat16))
         if self.metric != "l2":
             return s
         assert q.prepared.sq_norms is not None and g.prepared.sq_norms is not None
@@ -268,12 +268,6 @@ class Screen:
             + (_gamma(d + 4) + _gamma(depth + 2) + 8 * _U) * (qn + gn).square()
         )
         return _SLACK * e + tiny, 0.0
-
-
-def _view(out: Tensor | None, shape: tuple[int, int], dtype: torch.dtype) -> Tensor | None:
-    if out is None or out.dtype != dtype or out.numel() < shape[0] * shape[1]:
-        return None
-    return out[: shape[0] * shape[1]].view(shape)
 
 
 @contextlib.contextmanager

@@ -262,12 +262,9 @@ def _kernel_knn(
 
     prepared = prepare(q, metric, device)
     g = None if gallery is None else check_embeddings(gallery, "gallery")
-    g_prep = prepared if g is None else prepare(g, metric, device, like=prepared)
-    if g_prep.vectors.shape[1] != prepared.vectors.shape[1]:
-        raise ValueError(f"gallery has dim {g_prep.vectors.shape[1]} but queries have dim {q.shape[1]}")
+    g_prep = prepared if g is None else prepare(g, metric, device, like=prepared)  # dims and k: checked
     n = len(g_prep)
-    ex = torch.arange(len(prepared)) if g is None else exclude
-    _check_k_gallery(k, n, ex)
+    ex = torch.arange(len(prepared), device=device) if g is None else exclude
     ex = None if ex is None else ex.to(device)
     available = torch.full((len(prepared),), n, device=device)
     if ex is not None:

@@ -100,22 +100,31 @@ def score_block(q: Prepared, g: Prepared, metric: Metric, out: Tensor | None = N
     ``out`` is an optional buffer of at least that many elements, reused across blocks: writing into warm
     memory instead of a fresh allocation avoids page faults that cost about a fifth of the product's time.
     """
-    shape = (len(q), len(g))
-    buffer = (
-        out[: shape[0] * shape[1]].view(shape)
-        if out is not None and out.numel() >= shape[0] * shape[1]
-        else None
-    )
+    buffer = buffer_view(out, (len(q), len(g)), torch.float32)
     if metric != "l2":
         return torch.mm(q.vectors, g.vectors.T, out=buffer)
     assert q.sq_norms is not None and g.sq_norms is not None
-    # -|q - g|^2 = 2 q.g - |g|^2 - |q|^2: the gallery term rides in the GEMM as a bias; one pass adds |q|^2.
-    s = torch.addmm(-g.sq_norms, q.vectors, g.vectors.T, alpha=2.0, out=buffer)
-    s.sub_(q.sq_norms[:, None])
+    s = gram_scores(q, g, buffer)
     rows, cols = near_pairs(s, q.sq_norms, g.sq_norms, negated=True)
     if rows.numel():
         s[rows, cols] = exact_sq_distances(q.points, g.points, rows, cols).neg_()
     return s
+
+
+def gram_scores(q: Prepared, g: Prepared, out: Tensor | None = None) -> Tensor:
+    """Minus the squared distances by the Gram formula alone, ``2 q.g - |g|^2 - |q|^2`` (L2 rows)."""
+    assert q.sq_norms is not None and g.sq_norms is not None
+    # the gallery term rides in the GEMM as a bias; one pass adds |q|^2
+    s = torch.addmm(-g.sq_norms, q.vectors, g.vectors.T, alpha=2.0, out=out)
+    return s.sub_(q.sq_norms[:, None])
+
+
+def buffer_view(out: Tensor | None, shape: tuple[int, int], dtype: torch.dtype) -> Tensor | None:
+    """The first ``shape`` elements of the scratch buffer ``out`` as a matrix, or None (allocate) when there
+    is no buffer, it is too small or of another dtype."""
+    if out is None or out.dtype != dtype or out.numel() < shape[0] * shape[1]:
+        return None
+    return out[: shape[0] * shape[1]].view(shape)
 
 
 def near_pairs(sq: Tensor, x_sq: Tensor, r_sq: Tensor, *, negated: bool = False) -> tuple[Tensor, Tensor]:
