@@ -717,7 +717,4 @@ def check_tiled_call(loss: Any, labels: Any, **unsupported: Any) -> None:
             )
     y = check_labels(labels, "labels")
     if loss.needs_two_classes and y.numel() and not bool((y != y[0]).any()):
-        raise ValueError(
-            f"labels: all {y.shape[0]} samples share one class; {type(loss).__name__} compares classes with "
-            "each other and needs at least two in a batch"
-        )
+        loss.refuse_one_class(y.shape[0])

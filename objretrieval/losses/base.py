@@ -152,10 +152,7 @@ class MetricLoss(ConfigRepr, nn.Module):
             assert self.num_classes is not None
             check_label_range(batch.labels, "labels", self.num_classes)
         if self.needs_two_classes and bool(batch.same_label.all()):
-            raise ValueError(
-                f"labels: all {batch.labels.shape[0]} samples share one class; {type(self).__name__} "
-                "compares classes with each other and needs at least two in a batch"
-            )
+            self.refuse_one_class(batch.labels.shape[0])
         if batch.mined is not None and not isinstance(batch.mined, self.accepts_mined):
             usable = " or ".join(t.__name__ for t in self.accepts_mined) or "no mined pairs or triplets"
             raise TypeError(
@@ -163,6 +160,13 @@ class MetricLoss(ConfigRepr, nn.Module):
                 f"{usable}); pass indices_tuple=None or mine what the loss consumes"
             )
         return batch
+
+    def refuse_one_class(self, num_samples: int) -> None:
+        """The error of a batch of one class, for losses that compare classes (``needs_two_classes``)."""
+        raise ValueError(
+            f"labels: all {num_samples} samples share one class; {type(self).__name__} compares classes with "
+            "each other and needs at least two in a batch"
+        )
 
     def compute_loss(self, batch: PairBatch) -> Tensor | None:
         """The loss of one batch, or None when the batch has no valid pair/triplet."""
