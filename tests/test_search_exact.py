@@ -267,3 +267,17 @@ def test_rows_with_fewer_than_k_finite_entries_in_a_block(precision: str) -> Non
     loo = knn(x, k=5, block_size=5, precision=precision)  # the diagonal in a 5-wide first block
     _, ref_indices = _brute_force(x, None, 5, "cosine")
     assert torch.equal(loo.indices, ref_indices)
+
+
+def test_exact_scores_and_stats_refuse_bad_input() -> None:
+    x = torch.randn(10, 4)
+    with pytest.raises(ValueError, match="pair row by row"):
+        exact_scores(x, x[:3], "ip")
+    with pytest.raises(ValueError, match="pair row by row"):
+        exact_scores(x, torch.randn(10, 5), "ip")
+    with pytest.raises(ValueError, match="metric must be one of"):
+        exact_scores(x, x, "cos")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="float32"):
+        exact_scores(x.double(), x.double(), "ip")
+    with pytest.raises(TypeError, match="stats must be a SearchStats"):
+        knn(x, k=2, stats={})  # type: ignore[arg-type]

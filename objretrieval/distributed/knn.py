@@ -46,7 +46,15 @@ from objretrieval.distributed.world import (
     shard_offsets,
     world_size,
 )
-from objretrieval.search.exact import PRECISIONS, ExactTopK, Precision, Screen, ScreenRows, SearchStats
+from objretrieval.search.exact import (
+    PRECISIONS,
+    ExactTopK,
+    Precision,
+    Screen,
+    ScreenRows,
+    SearchStats,
+    check_stats,
+)
 from objretrieval.search.knn import Neighbors, check_k, default_block_size, knn
 from objretrieval.search.scoring import (
     ORIGIN_SAMPLE,
@@ -149,6 +157,7 @@ def sharded_knn(
     )
     compute_device = torch.device(device) if device is not None else q.device
     precision = check_choice(precision, "precision", PRECISIONS)
+    check_stats(stats)
     search = ShardedSearch(k, metric, compute_device, group, Screen(metric, precision), stats)
     if stats is not None:
         stats.precision, stats.queries = precision, stats.queries + q.shape[0]

@@ -44,7 +44,9 @@ from typing import Literal, NamedTuple, get_args
 import torch
 from torch import Tensor
 
+from objretrieval._validation import check_choice
 from objretrieval.search.scoring import (
+    METRICS,
     Metric,
     Prepared,
     buffer_view,
@@ -103,8 +105,28 @@ def exact_scores(x: Tensor, y: Tensor, metric: Metric) -> Tensor:
     order for each dimension D, made of elementwise operations only, so a pair gets the same bits whatever
     the batch, the device or the process; the error is at most ``gamma_{ceil(log2 D)+1}`` times the sum of
     absolute terms (a matrix product's: ``gamma_D``).
+
+    Raises:
+        ValueError, TypeError: unless ``x`` and ``y`` are float32 tensors of one (P, D) shape and device and
+            ``metric`` is one of ``"cosine"``, ``"ip"``, ``"l2"``.
     """
+    metric = check_choice(metric, "metric", METRICS)
+    for t, name in ((x, "x"), (y, "y")):
+        if not isinstance(t, Tensor) or t.dtype != torch.float32 or t.dim() != 2:
+            raise TypeError(
+                f"{name} must be a (P, D) float32 tensor, got {getattr(t, 'dtype', type(t).__name__)}"
+            )
+    if x.shape != y.shape or x.device != y.device:
+        raise ValueError(
+            f"x and y must pair row by row: got {tuple(x.shape)} on {x.device}, {tuple(y.shape)} on {y.device}"
+        )
     return exact_pair_scores(x, y, torch.arange(len(x), device=x.device), None, metric)
+
+
+def check_stats(stats: object) -> None:
+    """Refuse a ``stats=`` argument that is not a :class:`SearchStats` (or None)."""
+    if stats is not None and not isinstance(stats, SearchStats):
+        raise TypeError(f"stats must be a SearchStats or None, got {type(stats).__name__}")
 
 
 def exact_pair_scores(x: Tensor, y: Tensor, rows: Tensor, cols: Tensor | None, metric: Metric) -> Tensor:

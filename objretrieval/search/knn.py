@@ -22,6 +22,7 @@ from objretrieval.search.exact import (
     Precision,
     Screen,
     SearchStats,
+    check_stats,
     exact_topk_of_candidates,
     search_blocks,
     self_search,
@@ -146,6 +147,7 @@ def knn(
         TypeError: if ``faiss`` is not a :class:`FaissOptions`.
     """
     precision = check_choice(precision, "precision", PRECISIONS)
+    check_stats(stats)
     if group is not None:
         if exclude is not None or backend != "torch" or faiss is not None or progress is True:
             raise ValueError("knn(group=...) supports the torch backend only, without exclude or progress")
