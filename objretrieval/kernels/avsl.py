@@ -387,10 +387,27 @@ def avsl_distance(
         chunk_size = check_positive_int(chunk_size, "chunk_size")
     if _requires_grad(similarity, rows, cols):
         raise RuntimeError(_GRAD_ERROR)
-    device = rows.embeddings[0].device
-    kernel = resolve_backend("avsl_distance", backend, device) == "triton"
+    kernel = resolve_backend("avsl_distance", backend, rows.embeddings[0].device) == "triton"
+    return fused_distances(
+        similarity, rows, cols, weights, paired=paired, kernel=kernel, chunk_size=chunk_size
+    )
+
+
+def fused_distances(
+    similarity: AttributableSimilarity,
+    rows: AVSLFeatures,
+    cols: AVSLFeatures,
+    weights: Tensor | None = None,
+    *,
+    paired: bool = False,
+    kernel: bool = True,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """:func:`avsl_distance` on inputs its caller has already checked (the model and the scorer, block after
+    block): ``kernel`` picks the Triton kernel, else the chunked torch reference."""
     if len(rows) == 0 or len(cols) == 0:
-        return torch.zeros((len(rows),) if paired else (len(rows), len(cols)), device=device)
+        shape = (len(rows),) if paired else (len(rows), len(cols))
+        return torch.zeros(shape, device=rows.embeddings[0].device)
     with torch.no_grad():
         ops = propagation_operands(similarity, rows, cols, weights)
         return _triton_distances(ops, paired) if kernel else _torch_distances(ops, paired, chunk_size)

@@ -402,10 +402,10 @@ class AttributableSimilarity(ConfigRepr, nn.Module):
         """
         _check_features(rows, "rows", self.num_levels, self.embed_dim)
         _check_features(cols, "cols", self.num_levels, self.embed_dim)
-        from objretrieval.kernels.avsl import avsl_distance, use_kernel
+        from objretrieval.kernels.avsl import fused_distances, use_kernel
 
-        if use_kernel(backend, self, rows, cols):
-            return LevelDistances(avsl_distance(self, rows, cols, backend="triton"), ())
+        if use_kernel(backend, self, rows, cols):  # checked above and there: the kernel itself
+            return LevelDistances(fused_distances(self, rows, cols), ())
         hat, levels, _ = self._node_terms(rows, cols, self.propagation_weights(), keep_nodes=False)
         return LevelDistances(hat.sum(-1), tuple(levels))
 
@@ -648,9 +648,10 @@ class AVSLScorer:
         return hat.sum(-1).squeeze(1).neg_()
 
     def _kernel(self, q: AVSLFeatures, g: AVSLFeatures, paired: bool) -> Tensor:
-        from objretrieval.kernels.avsl import avsl_distance
+        from objretrieval.kernels.avsl import fused_distances
 
-        return avsl_distance(self.similarity, q, g, self.weights, paired=paired, backend="triton").neg_()
+        # features checked once at construction, the backend resolved there: only the kernel, per block
+        return fused_distances(self.similarity, q, g, self.weights, paired=paired).neg_()
 
     def shortlist(self, k: int, level: int = -1, exclude_self: bool | None = None) -> Tensor:
         """(Q, k) gallery ids nearest to each query by one level's embedding alone (cosine), for rescoring.
