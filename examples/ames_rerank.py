@@ -25,10 +25,9 @@ from pathlib import Path
 
 import torch
 from scenes import draw_scene, photograph
-from tqdm.auto import tqdm
 
 from objretrieval import create_model, knn
-from objretrieval.descriptors import DescriptorStore, DINOv2LocalExtractor
+from objretrieval.descriptors import DescriptorStore, DINOv2LocalExtractor, extract_to_store
 from objretrieval.metrics import revisited_map
 from objretrieval.reranking import AMES_FUSION, AMESScorer, DatabaseCache, rerank_revisited
 
@@ -65,19 +64,6 @@ def make_dataset(
     return queries, boxes, database, gnd
 
 
-def extract(
-    extractor: DINOv2LocalExtractor, images: list[torch.Tensor], path: Path, boxes: list | None, desc: str
-) -> torch.Tensor:
-    """Write every image's rows to a descriptor file; return the (N, D) global descriptors."""
-    globals_ = []
-    with DescriptorStore.create(path, len(images), extractor.topk, extractor.backbone.num_features) as store:
-        for i, image in enumerate(tqdm(images, desc=desc)):
-            out = extractor(image, box=None if boxes is None else boxes[i])
-            store.write(i, out.rows[None])
-            globals_.append(out.global_descriptor)
-    return torch.stack(globals_)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -107,8 +93,8 @@ def main() -> None:
     print(f"{len(queries)} queries, {len(database)} database images")
     extractor = DINOv2LocalExtractor(args.backbone, pretrained=args.pretrained_backbone, topk=args.topk)
     start = time.perf_counter()
-    q_global = extract(extractor, queries, args.out / "query_local.h5", boxes, "queries")
-    db_global = extract(extractor, database, args.out / "db_local.h5", None, "database")
+    q_global = extract_to_store(extractor, queries, args.out / "query_local.h5", boxes=boxes, progress=True)
+    db_global = extract_to_store(extractor, database, args.out / "db_local.h5", progress=True)
     print(f"extracted {len(queries) + len(database)} images in {time.perf_counter() - start:.1f} s")
 
     shortlist = knn(q_global, db_global, k=min(args.shortlist, len(database)))  # Neighbors are a shortlist

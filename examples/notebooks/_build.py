@@ -192,14 +192,15 @@ print(len(queries), "queries,", len(database), "database images")
     md("""
 ## Local descriptors in AMES's file layout
 `DINOv2LocalExtractor` takes a timm ViT name (the default is DINOv2 ViT-B/14 with registers) or a built
-ViT: here a one-block random one. Each image becomes `topk` rows of `5 + D` values in a `DescriptorStore`.
+ViT: here a one-block random one. `extract_to_store` writes each image's `topk` rows of `5 + D` values to a
+`DescriptorStore` file and returns the global descriptors (with a progress bar from 10,000 images on).
 """),
     code("""
 import tempfile
 
 import timm
 
-from objretrieval.descriptors import DescriptorStore, DINOv2LocalExtractor
+from objretrieval.descriptors import DescriptorStore, DINOv2LocalExtractor, extract_to_store
 
 vit = timm.create_model(
     "vit_small_patch14_reg4_dinov2", pretrained=False, depth=1, embed_dim=32, num_heads=2,
@@ -207,20 +208,8 @@ vit = timm.create_model(
 )
 extractor = DINOv2LocalExtractor(vit, topk=16)
 out_dir = Path(tempfile.mkdtemp())
-
-
-def extract(images, path):
-    globals_ = []
-    with DescriptorStore.create(path, len(images), extractor.topk, vit.num_features) as store:
-        for i, image in enumerate(images):
-            out = extractor(image)
-            store.write(i, out.rows[None])
-            globals_.append(out.global_descriptor)
-    return torch.stack(globals_)
-
-
-q_global = extract(queries, out_dir / "query_local.h5")
-db_global = extract(database, out_dir / "db_local.h5")
+q_global = extract_to_store(extractor, queries, out_dir / "query_local.h5")
+db_global = extract_to_store(extractor, database, out_dir / "db_local.h5")
 q_global.shape
 """),
     md("## Global shortlist and its revisited mAP"),

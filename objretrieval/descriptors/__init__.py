@@ -2,6 +2,7 @@
 
 from objretrieval.descriptors.binary import pack_bits, signs_from_bits, unpack_bits
 from objretrieval.descriptors.detector import SpatialAttention2d
+from objretrieval.descriptors.extract import extract_to_store
 from objretrieval.descriptors.extractors import (
     CVNetLocalExtractor,
     DINOv2LocalExtractor,
@@ -30,6 +31,7 @@ __all__ = [
     "ScaleFeatures",
     "SpatialAttention2d",
     "crop",
+    "extract_to_store",
     "global_descriptor",
     "pack_bits",
     "patch_locations",

@@ -90,6 +90,7 @@ def rerank_revisited(
     lamb: Iterable[float] | None = None,
     temp: Iterable[float] | None = None,
     kappas: Sequence[int] = (1, 5, 10),
+    progress: bool | None = None,
     group: Group | None = None,
 ) -> RevisitedReranking:
     """Rerank and evaluate on revisited Oxford/Paris over a grid of (k, lamb, temp).
@@ -107,6 +108,8 @@ def rerank_revisited(
             for each AMES builder), else 0.5.
         temp: sigmoid temperatures of the pairwise logits; default as ``lamb``.
         kappas: depths of mean precision@k.
+        progress: a bar over the chunks of pairs of each run's scoring; None (the default): only for runs of
+            1e5 scored pairs or more (:func:`objretrieval.progress.show_progress`).
         group: share the pairwise scoring over this process group's ranks, as
             :func:`~objretrieval.reranking.score_shortlist` does (every rank gets every result, identical to
             one process's); None scores in this process.
@@ -126,7 +129,10 @@ def rerank_revisited(
         "hard": [list(g["junk"]) + list(g["easy"]) for g in gnd],
     }
     runs = {mode: shortlist.move_to_end(ids) for mode, ids in excluded.items()}
-    raw = {mode: score_shortlist(scorer, run, max_k, group=group) for mode, run in runs.items()}
+    raw = {
+        mode: score_shortlist(scorer, run, max_k, progress=progress, group=group)
+        for mode, run in runs.items()
+    }
     combinations = []
     for k, lam, t in itertools.product(ks, lambs, temps):
         rankings = {mode: rerank(runs[mode], raw[mode], k, lam, t) for mode in runs}

@@ -161,6 +161,7 @@ def score_shortlist(
     k: int,
     *,
     chunk_size: int = 4096,
+    progress: bool | None = None,
     group: Group | None = None,
 ) -> Tensor:
     """(Q, k) float32 raw pairwise scores (CPU) of each query against its first k shortlisted images.
@@ -172,6 +173,8 @@ def score_shortlist(
         shortlist: the global shortlist.
         k: how many of each query's shortlisted images to score.
         chunk_size: pairs per call to the scorer.
+        progress: a bar over the chunks of pairs; None (the default): only for 1e5 scored pairs or more
+            (:func:`objretrieval.progress.show_progress`).
         group: share the queries over this process group's ranks (e.g. ``torch.distributed.group.WORLD``):
             each rank scores a contiguous run of the pairs, in query order, and every rank receives all
             scores, identical to one process's (:func:`~objretrieval.search.pairwise.score_candidates`). Every
@@ -191,7 +194,9 @@ def score_shortlist(
             "faiss index found fewer neighbours): they are not scored and rank last",
             stacklevel=2,
         )
-    return score_candidates(scorer, head, fill=float("nan"), chunk_size=chunk_size, group=group).cpu()
+    return score_candidates(
+        scorer, head, fill=float("nan"), chunk_size=chunk_size, progress=progress, group=group
+    ).cpu()
 
 
 def fuse(global_scores: Tensor, raw: Tensor, lamb: float, temp: float) -> Tensor:

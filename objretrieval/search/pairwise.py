@@ -18,7 +18,7 @@ batches.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
@@ -160,6 +160,7 @@ def score_candidates(
     exclude_self: bool = False,
     fill: float = float("-inf"),
     chunk_size: int = 4096,
+    progress: bool | None = None,
     group: Group | None = None,
 ) -> Tensor:
     """(Q, S) float32 scores of each query against its candidate gallery ids, on the scorer's device.
@@ -174,6 +175,8 @@ def score_candidates(
         exclude_self: leave-one-out on one set: candidate ``i`` of query ``i`` is not scored either.
         fill: the score of entries not scored.
         chunk_size: pairs per :meth:`~PairwiseScorer.score_pairs` call.
+        progress: a bar over the chunks; None (the default): only for 1e5 scored pairs or more
+            (:func:`objretrieval.progress.show_progress`).
         group: share the pairs over this process group's ranks (e.g. ``torch.distributed.group.WORLD``): each
             rank scores a contiguous run of the chunks one process would score (the pairs in query order), and
             every rank receives all scores, identical to one process's. A smaller ``chunk_size`` evens out the
@@ -203,13 +206,14 @@ def score_candidates(
 
     ids, rows, scored, size = _on_every_rank(check, "score_candidates", group)
     flat_rows, flat_ids = rows[scored], ids[scored]
+    show = show_progress(progress, len(flat_rows), "scorer_pairs")
     scores = torch.full(ids.shape, fill, device=ids.device)
     if len(flat_rows):
 
         def my_scores() -> tuple[Tensor, Hashable]:
             parts = [
                 _checked_scores(scorer, flat_rows[s : s + size], flat_ids[s : s + size])
-                for s in _my_share(range(0, len(flat_rows), size), group)
+                for s in _bar(_my_share(range(0, len(flat_rows), size), group), show, "chunk")
             ]
             return torch.cat(parts) if parts else scores.new_empty(0), ()
 
@@ -244,8 +248,8 @@ def pairwise_knn(
         query_block_size: queries per block (exhaustive mode); with a symmetric scorer, blocks are square.
         gallery_block_size: gallery items per block (exhaustive mode, non-symmetric scorers).
         pair_chunk_size: pairs scored per call in candidates mode.
-        progress: show a progress bar; None (the default): only above 1e5 scored pairs
-            (:func:`objretrieval.progress.show_progress`).
+        progress: show a progress bar; None (the default): only for 1e5 scored pairs or more (Q x N, or the
+            candidates) (:func:`objretrieval.progress.show_progress`).
         group: share the work over this process group's ranks (e.g. ``torch.distributed.group.WORLD``):
             each rank scores a contiguous run of the blocks one process would score (the symmetric walk's
             too, mirror included; candidates mode: of the pair chunks, :func:`score_candidates`), and every
@@ -275,17 +279,17 @@ def pairwise_knn(
 
     k, query_block_size, gallery_block_size, symmetric = _on_every_rank(check, "pairwise_knn", group)
     if candidates is not None:
-        return _rescore(scorer, k, candidates, exclude_self, pair_chunk_size, group)
+        return _rescore(scorer, k, candidates, exclude_self, pair_chunk_size, progress, group)
     exclude = torch.arange(q, device=scorer.device) if exclude_self else None
     top = RunningTopK(q, k, scorer.device)
-    progress = show_progress(progress, q * n, "scorer_pairs")
+    show = show_progress(progress, q * n, "scorer_pairs")
 
     def search() -> tuple[RunningTopK, Hashable]:
         if symmetric:
             size = query_block_size
             starts = range(0, q, size)
             tiles = [(i, j) for i in starts for j in starts if j >= i]
-            for i, j in tqdm(_my_tiles(tiles, group), disable=not progress, desc="pairwise", unit="block"):
+            for i, j in _bar(_my_tiles(tiles, group), show, "block"):
                 s = score_block(scorer, slice(i, i + size), slice(j, j + size))
                 s = _without_excluded(s, exclude, i, j)
                 top.update(i, s, j)
@@ -293,7 +297,7 @@ def pairwise_knn(
                     top.update(j, s.T, i)
             return top, ()
         blocks = [(i, j) for j in range(0, n, gallery_block_size) for i in range(0, q, query_block_size)]
-        for i, j in tqdm(_my_tiles(blocks, group), disable=not progress, desc="pairwise", unit="block"):
+        for i, j in _bar(_my_tiles(blocks, group), show, "block"):
             s = score_block(scorer, slice(i, i + query_block_size), slice(j, j + gallery_block_size))
             top.update(i, _without_excluded(s, exclude, i, j), j)
         return top, ()
@@ -310,6 +314,12 @@ def _without_excluded(block: Tensor, exclude: Tensor | None, row_start: int, col
     block = block.clone()
     mask_excluded(block, exclude, row_start, col_offset)
     return block
+
+
+def _bar(units: Sequence[T], show: bool, unit: str) -> Iterable[T]:
+    """``units`` (this rank's share of the blocks or pair chunks) behind a bar if ``show``: with a group,
+    each rank draws the bar of its own share, which says how far that rank is."""
+    return tqdm(units, disable=not show, desc="pairwise", unit=unit)
 
 
 def _my_tiles(tiles: list[tuple[int, int]], group: Group | None) -> list[tuple[int, int]]:
@@ -337,9 +347,17 @@ def _merge_ranks(top: RunningTopK, group: Group | None) -> Neighbors:
 
 
 def _rescore(
-    scorer: PairwiseScorer, k: int, candidates: Tensor, exclude_self: bool, chunk: int, group: Group | None
+    scorer: PairwiseScorer,
+    k: int,
+    candidates: Tensor,
+    exclude_self: bool,
+    chunk: int,
+    progress: bool | None,
+    group: Group | None,
 ) -> Neighbors:
-    scores = score_candidates(scorer, candidates, exclude_self=exclude_self, chunk_size=chunk, group=group)
+    scores = score_candidates(
+        scorer, candidates, exclude_self=exclude_self, chunk_size=chunk, progress=progress, group=group
+    )
     ids = candidates.to(scores.device, torch.int64)
     ids = torch.where(torch.isneginf(scores), -1, ids)  # not scored (missing or the query itself): missing
     scores, ids = sort_by_score_then_index(scores, ids)
