@@ -6,10 +6,13 @@ memory bound: no tensor of the tiled path's forward and backward is anywhere nea
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -240,6 +243,149 @@ def test_classes_tiled_path_refuses_what_it_cannot_do(cls: type) -> None:
         cls(tiled=True, tile_size=0)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Empty batches: the tiled path answers as the dense path does (warning, count, a zero that keeps the graph).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _empty_batch(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mined_away``: tight, far-apart classes (the miner keeps no pair); ``no_positives``: distinct labels."""
+    x, y = _batch(24, 8, "separated", seed=6)
+    return x, torch.arange(24) if kind == "no_positives" else y
+
+
+#: (name, the loss class with its arguments, batch kind) of the batches the dense path finds empty. The dense
+#: ContrastiveLoss finds a plain batch of two classes never empty (its rule is "no pair at all"), so it has none.
+EMPTY_CASES = [
+    ("multi_similarity_mined_away", lambda **kw: MultiSimilarityLoss(mining_epsilon=0.1, **kw), "mined_away"),
+    ("supcon_no_positives", lambda **kw: SupConLoss(**kw), "no_positives"),
+]
+
+
+def _call(loss: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The loss's value (detached), the gradient of its embeddings and the warnings it gave."""
+    leaf = x.clone().requires_grad_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = loss(leaf, y)
+    value.backward()
+    return value.detach(), leaf.grad, [(w.category, str(w.message)) for w in caught]
+
+
+def _check_empty(make: Callable, kind: str, dtype: torch.dtype = torch.float64, **tiled: Any) -> None:
+    x, y = _empty_batch(kind)
+    x = x.to(dtype)
+    if kind == "mined_away":  # the case is what it claims
+        mined = MultiSimilarityMiner(0.1)(x, y)
+        assert not bool(mined.positive.any()) and not bool(mined.negative.any())
+    dense_loss, tiled_loss = make(), make(**tiled)
+    for count in (1, 2):
+        dense, tiled_out = _call(dense_loss, x, y), _call(tiled_loss, x, y)
+        message = (
+            f"no valid pair or triplet in this batch; returning a zero loss ({count} such batches so far)"
+        )
+        assert dense[2] == [(RuntimeWarning, f"{type(dense_loss).__name__}: {message}")]
+        assert tiled_out[2] == dense[2]
+        assert dense_loss.num_empty_batches == tiled_loss.num_empty_batches == count
+        assert tiled_out[0].dtype == dense[0].dtype and float(tiled_out[0]) == float(dense[0]) == 0.0
+        assert tiled_out[1] is not None and torch.equal(tiled_out[1], torch.zeros_like(x))
+
+
+@pytest.mark.parametrize(("make", "kind"), [c[1:] for c in EMPTY_CASES], ids=[c[0] for c in EMPTY_CASES])
+def test_tiled_empty_batch_warns_counts_and_returns_the_dense_zero(make: Callable, kind: str) -> None:
+    _check_empty(make, kind, tiled=True, tile_size=8)
+
+
+def _near_other_class() -> tuple[torch.Tensor, torch.Tensor]:
+    """The mined-away batch with sample 0 moved towards class 1: only anchor 0 keeps pairs (a hardest positive
+    and a hardest negative within epsilon), every other anchor keeps none."""
+    x, y = _empty_batch("mined_away")
+    x[0] = torch.eye(8, dtype=x.dtype)[0] + 0.9 * torch.eye(8, dtype=x.dtype)[1]
+    return x, y
+
+
+#: (name, loss class, batch): batches that are not empty, though some give a zero loss
+NOT_EMPTY_CASES = [
+    # no pair violates a margin: the loss is 0, but the dense rule counts pairs, not violations
+    (
+        "contrastive_no_violation",
+        lambda **kw: ContrastiveLoss(-1.0, 1.0, **kw),
+        lambda: _empty_batch("mined_away"),
+    ),
+    ("multi_similarity_unmined", lambda **kw: MultiSimilarityLoss(**kw), lambda: _empty_batch("mined_away")),
+    (
+        "multi_similarity_one_anchor",
+        lambda **kw: MultiSimilarityLoss(mining_epsilon=0.1, **kw),
+        _near_other_class,
+    ),
+    ("supcon_random", lambda **kw: SupConLoss(**kw), lambda: _batch(20, 6, "singletons", seed=17)),
+]
+
+
+def _check_not_empty(
+    make: Callable, data: Callable, dtype: torch.dtype = torch.float64, **tiled: Any
+) -> None:
+    x, y = data()
+    x = x.to(dtype)
+    dense_loss, tiled_loss = make(), make(**tiled)
+    dense, tiled_out = _call(dense_loss, x, y), _call(tiled_loss, x, y)
+    assert dense[2] == tiled_out[2] == []
+    assert dense_loss.num_empty_batches == tiled_loss.num_empty_batches == 0
+    tol = 1e-12 if dtype == torch.float64 else 1e-5  # float32: other summation orders (and tf32x3 products)
+    torch.testing.assert_close(tiled_out[0], dense[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(tiled_out[1], dense[1], rtol=0, atol=tol * float(dense[1].abs().max()) + 1e-10)
+
+
+@pytest.mark.parametrize(
+    ("make", "data"), [c[1:] for c in NOT_EMPTY_CASES], ids=[c[0] for c in NOT_EMPTY_CASES]
+)
+def test_tiled_batch_that_is_not_empty_does_not_warn(make: Callable, data: Callable) -> None:
+    _check_not_empty(make, data, tiled=True, tile_size=8)
+
+
+def test_one_anchor_keeping_pairs_is_what_the_case_claims() -> None:
+    x, y = _near_other_class()
+    mined = MultiSimilarityMiner(0.1)(x, y)
+    keeps = mined.positive.any(1) | mined.negative.any(1)
+    assert keeps.nonzero().flatten().tolist() == [0]
+    assert float(MultiSimilarityLoss(mining_epsilon=0.1)(x, y)) > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: the classes' tiled path refuses what the dense path refuses, with the same error and message.
+# ---------------------------------------------------------------------------------------------------------
+
+_X, _Y = torch.randn(6, 4, generator=torch.Generator().manual_seed(18)), torch.tensor([0, 0, 1, 1, 2, 2])
+_ONE_CLASS = torch.zeros(6, dtype=torch.int64)
+#: name -> (embeddings, labels) the dense path refuses; the pairs of faults check the order of the checks
+BAD_BATCHES: dict[str, tuple[Any, Any]] = {
+    "nan": (torch.full((6, 4), float("nan")), _Y),
+    "inf_row": (_X.index_fill(0, torch.tensor([2]), float("inf")), _Y),
+    "not_a_tensor": (_X.tolist(), _Y),
+    "one_dim": (_X[0], _Y[:4]),
+    "three_dims": (_X[None], _Y),
+    "integer_embeddings": (_X.long(), _Y),
+    "no_rows": (_X[:0], _Y[:0]),
+    "labels_too_short": (_X, _Y[:5]),
+    "labels_two_dims": (_X, _Y[:, None]),
+    "float_labels": (_X, _Y.float()),
+    "one_class": (_X, _ONE_CLASS),
+    "one_row": (_X[:1], _Y[:1]),
+    "nan_and_one_class": (torch.full((6, 4), float("nan")), _ONE_CLASS),
+    "short_one_class_labels": (_X, _ONE_CLASS[:5]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BATCHES))
+@pytest.mark.parametrize("cls", [ContrastiveLoss, MultiSimilarityLoss, SupConLoss])
+def test_tiled_path_refuses_bad_input_as_the_dense_path(cls: type, case: str) -> None:
+    embeddings, labels = BAD_BATCHES[case]
+    with pytest.raises((TypeError, ValueError)) as dense:
+        cls()(embeddings, labels)
+    with pytest.raises(type(dense.value), match=f"^{re.escape(str(dense.value))}$"):
+        cls(tiled=True)(embeddings, labels)
+
+
 @pytest.mark.parametrize(
     ("embeddings", "labels", "kwargs", "error", "match"),
     [
@@ -379,6 +525,10 @@ def triton_checks() -> None:
         tiled_supcon_loss(
             torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 0, 1, 1]), backend="triton"
         )
+    for _, make, kind in EMPTY_CASES:  # the kernel's statistics decide emptiness as the torch tiles' do
+        _check_empty(make, kind, torch.float32, backend="triton", tile_size=16)
+    for _, make, data in NOT_EMPTY_CASES:
+        _check_not_empty(make, data, torch.float32, backend="triton", tile_size=16)
     print("triton checks passed:", len(TRITON_CASES) + 1)
 
 

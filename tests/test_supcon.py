@@ -234,8 +234,10 @@ def test_the_tiled_path_refuses_what_it_cannot_compute(kwargs) -> None:
 
 def test_the_tiled_path_returns_a_zero_loss_for_a_batch_without_positives() -> None:
     x, _ = data(6)
-    value, grad = value_and_grad(SupConLoss(tiled=True), x, torch.arange(6))
-    assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(x))
+    loss = SupConLoss(tiled=True)
+    with pytest.warns(RuntimeWarning, match="SupConLoss: no valid pair or triplet in this batch"):
+        value, grad = value_and_grad(loss, x, torch.arange(6))
+    assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(x)) and loss.num_empty_batches == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

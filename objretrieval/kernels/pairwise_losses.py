@@ -8,7 +8,8 @@ tile), as flash-attention computes attention:
 
 1. a pass over the tiles of ``S = E E^T`` keeps per-row statistics only: for the miner, each anchor's hardest
    positive and negative; then the loss's row sums, counts or log-sum-exps (online, with a running max);
-2. the loss is a few O(B) operations on those statistics;
+2. the loss is a few O(B) operations on those statistics, and so is whether the batch is empty by the rule of
+   the loss class's dense path (:func:`recording_empty_batches`);
 3. the backward recomputes each tile, turns it into the per-pair coefficients ``G = dL/dS`` from the row
    statistics and accumulates ``dL/dE = (G + G^T) E`` (``2 G E`` for the contrastive loss, whose ``G`` is
    symmetric) without ever holding ``G``.
@@ -28,6 +29,9 @@ faster.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -85,6 +89,11 @@ class _Contrastive:
         for active, mask, hinge in ((pos_active, pos, m_pos - s), (neg_active, neg, s - m_neg)):
             columns += [torch.where(active, hinge, 0.0).sum(1), active.sum(1), mask.sum(1)]
         return torch.stack([c.to(s.dtype) for c in columns], 1)
+
+    def empty(self, stats: Tensor, labels: Tensor, mining: Tensor | None) -> bool:
+        """No positive and no negative pair (the dense path's None); never for B >= 2, whose other samples are
+        all one or the other, but written as the dense rule says."""
+        return not bool(stats[:, 2].any()) and not bool(stats[:, 5].any())
 
     def _divisors(self, totals: Tensor) -> tuple[Tensor, Tensor]:
         return (
@@ -152,6 +161,17 @@ class _MultiSimilarity:
         pos_lse = masked_log1p_sum_exp(-alpha * (s - base), pos)
         return torch.stack([pos_lse, masked_log1p_sum_exp(beta * (s - base), neg)], 1)
 
+    def empty(self, stats: Tensor, labels: Tensor, mining: Tensor | None) -> bool:
+        """No (mined) positive and no (mined) negative pair (the dense path's None). Unmined never, for B >= 2.
+        The miner's rule is monotone in S, so a row keeps some pair iff it keeps its hardest positive or its
+        hardest negative: the rule itself (:func:`_mine`), applied to those two "pairs" of each row."""
+        if mining is None:
+            return False
+        # the columns of mining: each row's least similar positive, its most similar negative
+        hardest_pos = torch.tensor([[True, False]], device=mining.device)
+        pos, neg = _mine(mining, hardest_pos, ~hardest_pos, mining, self.params[3])
+        return not bool(pos.any()) and not bool(neg.any())
+
     def _per_anchor(self, stats: Tensor) -> Tensor:
         alpha, beta = self.params[:2]
         return stats[:, 0] / alpha + stats[:, 1] / beta
@@ -194,12 +214,17 @@ class _SupCon:
         num_pos = stats[:, 1]
         return torch.where(num_pos > 0, stats[:, 0] - stats[:, 2] / num_pos.clamp(min=1), 0.0)
 
+    def empty(self, stats: Tensor, labels: Tensor, mining: Tensor | None) -> bool:
+        """No positive pair (all labels distinct) or no negative one (one class): nothing to contrast, the dense
+        path's None."""
+        return not bool(stats[:, 1].any()) or not bool((labels != labels[0]).any())
+
     def _weights(self, stats: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Each anchor's loss and its weight in the mean over the anchors with a positive loss (PML's
-        ``AvgNonZeroReducer``); all weights 0 without a positive or a negative pair, where PML returns 0."""
+        ``AvgNonZeroReducer``); all weights 0 for an empty batch (:meth:`empty`), where PML returns 0."""
         per_anchor = self._per_anchor(stats)
         nonzero = per_anchor > 0
-        if not bool((labels != labels[0]).any()):  # one class: no negative pair
+        if self.empty(stats, labels, None):
             nonzero = torch.zeros_like(nonzero)
         return per_anchor, nonzero.to(stats.dtype) / nonzero.sum().clamp(min=1)
 
@@ -527,6 +552,26 @@ def _triton_grad(
 # ----------------------------------------------------------------------------------------------------------
 
 
+#: Inside :func:`recording_empty_batches`: whether each tiled loss computed had an empty batch.
+_EMPTY_BATCHES: ContextVar[list[bool] | None] = ContextVar("tiled_empty_batches", default=None)
+
+
+@contextmanager
+def recording_empty_batches() -> Iterator[list[bool]]:
+    """Collect, for each tiled loss computed inside, whether its batch offered no pair to learn from, decided
+    from the forward's row statistics by the rule of the loss class's dense path (each loss's ``empty``).
+
+    The tiled functions return a plain zero for such a batch (their value there); a loss class computes them
+    inside this context and then gives its dense path's answer instead: the warning, ``num_empty_batches``
+    and a zero that keeps the graph (:class:`~objretrieval.losses.tiled.TiledPairLoss`)."""
+    record: list[bool] = []
+    token = _EMPTY_BATCHES.set(record)
+    try:
+        yield record
+    finally:
+        _EMPTY_BATCHES.reset(token)
+
+
 class _TiledPairLoss(torch.autograd.Function):
     """A pairwise loss of normalised embeddings whose forward keeps O(B) statistics and whose backward
     recomputes the similarity tiles."""
@@ -541,6 +586,9 @@ class _TiledPairLoss(torch.autograd.Function):
             stats = stats_of(loss, e, labels, mining, tile).to(e.dtype)
         ctx.save_for_backward(e, labels, mining, stats)
         ctx.loss, ctx.grad_of, ctx.tile = loss, grad_of, tile
+        record = _EMPTY_BATCHES.get()
+        if record is not None:
+            record.append(loss.empty(stats, labels, mining))
         return loss.value(stats, labels)
 
     @staticmethod
@@ -706,15 +754,18 @@ def tiled_options(
     return backend, use_tiles, tile_size
 
 
-def check_tiled_call(loss: Any, labels: Any, **unsupported: Any) -> None:
-    """Refuse what a loss class's tiled path cannot take (``ref_emb``, ``indices_tuple``, ...), by name, and a
-    batch of one class where the class's dense path refuses it."""
+def check_tiled_call(loss: Any, embeddings: Any, labels: Any, **unsupported: Any) -> None:
+    """Refuse what a loss class's tiled path cannot take (``ref_emb``, ``indices_tuple``, ...), by name, then
+    what its dense path refuses, in the dense path's order: bad embeddings, bad labels, a batch of one class
+    (the tiled function validates them again, a pass over the embeddings; the order keeps each message true:
+    wrong-length labels are not "a batch of one class")."""
     for name, value in unsupported.items():
         if value is not None:
             raise ValueError(
                 f"{name}: the tiled {type(loss).__name__} (tiled=True or backend={loss.backend!r}) computes "
                 f"the loss of the batch's own pairs only; pass {name}=None or use backend='torch', tiled=False"
             )
-    y = check_labels(labels, "labels")
-    if loss.needs_two_classes and y.numel() and not bool((y != y[0]).any()):
+    x = check_embeddings(embeddings, "embeddings")
+    y = check_labels(labels, "labels", x.shape[0], "embeddings")
+    if loss.needs_two_classes and not bool((y != y[0]).any()):
         loss.refuse_one_class(y.shape[0])

@@ -114,14 +114,15 @@ class MetricLoss(ConfigRepr, nn.Module):
             raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
         if self.tiled:  # before anything forms the (N, N) masks (see objretrieval.losses.tiled)
             unsupported = {"indices_tuple": indices_tuple, "ref_emb": ref_emb, "ref_labels": ref_labels}
-            return self.tiled_forward(embeddings, labels, ref_self_index=ref_self_index, **unsupported)
-        with full_precision(embeddings.device):
-            loss = self.compute_loss(
-                self.prepare_batch(
-                    embeddings, labels, indices_tuple, ref_emb, ref_labels, ref_self_index=ref_self_index
+            loss = self.tiled_forward(embeddings, labels, ref_self_index=ref_self_index, **unsupported)
+        else:
+            with full_precision(embeddings.device):
+                loss = self.compute_loss(
+                    self.prepare_batch(
+                        embeddings, labels, indices_tuple, ref_emb, ref_labels, ref_self_index=ref_self_index
+                    )
                 )
-            )
-        if loss is None:
+        if loss is None:  # one rule for both paths: the warning, the counter, a zero that keeps the graph
             return self._empty(embeddings)
         return loss
 
@@ -172,8 +173,9 @@ class MetricLoss(ConfigRepr, nn.Module):
         """The loss of one batch, or None when the batch has no valid pair/triplet."""
         raise NotImplementedError
 
-    def tiled_forward(self, embeddings: Tensor, labels: Tensor, **arguments: Any) -> Tensor:
-        """The loss on the tiled path (:class:`~objretrieval.losses.tiled.TiledPairLoss`)."""
+    def tiled_forward(self, embeddings: Tensor, labels: Tensor, **arguments: Any) -> Tensor | None:
+        """The loss on the tiled path (:class:`~objretrieval.losses.tiled.TiledPairLoss`), or None when the
+        batch has no valid pair, by the rule of :meth:`compute_loss`."""
         raise NotImplementedError(f"{type(self).__name__} has no tiled path")
 
     def _empty(self, x: Tensor) -> Tensor:

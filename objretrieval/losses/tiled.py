@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from objretrieval.kernels.dispatch import KernelBackend
-from objretrieval.kernels.pairwise_losses import check_tiled_call
+from objretrieval.kernels.pairwise_losses import check_tiled_call, recording_empty_batches
 from objretrieval.losses.base import MetricLoss
 
 
@@ -17,14 +17,18 @@ class TiledPairLoss(MetricLoss):
     With ``self.tiled`` (set from ``tiled=``/``backend=`` by
     :func:`~objretrieval.kernels.pairwise_losses.tiled_options`), :meth:`MetricLoss.forward` hands the call to
     :meth:`tiled_forward` before anything forms the (N, N) masks of the dense path: it refuses by name what
-    tiles cannot take (mined tuples, reference sets) and calls :meth:`tiled_loss`.
+    tiles cannot take (mined tuples, reference sets) and calls :meth:`tiled_loss`. A batch the dense path
+    finds empty (no valid pair, by the same rule, decided from the tiles' row statistics) gives None, which
+    ``forward`` turns into the dense path's warning, count and zero loss.
     """
 
     backend: KernelBackend = "torch"
 
-    def tiled_forward(self, embeddings: Tensor, labels: Tensor, **arguments: Any) -> Tensor:
-        check_tiled_call(self, labels, **arguments)
-        return self.tiled_loss(embeddings, labels)
+    def tiled_forward(self, embeddings: Tensor, labels: Tensor, **arguments: Any) -> Tensor | None:
+        check_tiled_call(self, embeddings, labels, **arguments)
+        with recording_empty_batches() as empty:
+            loss = self.tiled_loss(embeddings, labels)
+        return None if any(empty) else loss
 
     def tiled_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """The loss of the batch's own pairs, computed tile by tile."""

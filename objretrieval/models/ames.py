@@ -191,6 +191,14 @@ def _tile_lists(tiles: Tensor) -> tuple[Tensor, Tensor]:
     return tiles.sum(-1, dtype=torch.int32)[:, None], indices.to(torch.int32)[:, None].contiguous()
 
 
+def _tokens_seen(x: Tensor, image: str, split: int, dim: int) -> Tensor:
+    """The tokens an image's rows attend to in the dense path: m plus the ``"first"`` image's tokens (1 to
+    ``split``) or m plus the ``"second"`` image's (``split`` on), along the token axis ``dim`` of ``x``."""
+    if image == "first":
+        return x.narrow(dim, 0, split)
+    return torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, split, x.shape[dim] - split)], dim)
+
+
 @dataclass(frozen=True)
 class _Layout:
     """What every attention of one forward reads: ``[m, first image, second image]`` split at ``split``,
@@ -202,9 +210,7 @@ class _Layout:
 
     def keep_of(self, image: str) -> Tensor:
         """(B, 1 + n) keep mask of m and the ``"first"`` or ``"second"`` image's tokens."""
-        if image == "first":
-            return self.keep[:, : self.split]
-        return torch.cat([self.keep[:, :1], self.keep[:, self.split :]], 1)
+        return _tokens_seen(self.keep, image, self.split, 1)
 
 
 class _Heads:
@@ -222,11 +228,7 @@ class _Heads:
         """Keys/values of m plus the ``"first"`` or ``"second"`` image's tokens, or of all tokens."""
         if group == "all":
             return self.k, self.v
-        if group == "first":
-            return self.k[:, :, : self.split], self.v[:, :, : self.split]
-        k = torch.cat([self.k[:, :, :1], self.k[:, :, self.split :]], dim=2)
-        v = torch.cat([self.v[:, :, :1], self.v[:, :, self.split :]], dim=2)
-        return k, v
+        return _tokens_seen(self.k, group, self.split, 2), _tokens_seen(self.v, group, self.split, 2)
 
 
 class AMESLayer(nn.Module):
