@@ -1,8 +1,10 @@
 """How objretrieval objects show themselves: configuration reprs and small HTML tables for notebooks.
 
 - :func:`config_repr` lists an object's constructor arguments with their current values, read back from the
-  attributes of the same names; the bases of losses, miners and samplers print themselves with it, so
-  ``ContrastiveLoss()`` shows as ``ContrastiveLoss(pos_margin=1.0, neg_margin=0.5, ...)``.
+  attributes of the same names; losses, miners, samplers, models and evaluators print themselves with it
+  (the :class:`ConfigRepr` mixin), so ``ContrastiveLoss()`` shows as
+  ``ContrastiveLoss(pos_margin=1.0, neg_margin=0.5, ...)``. Tensors and arrays other than single numbers
+  (labels, proxies) and long sequences are state, never shown.
 - :func:`html_table` is the one HTML table the ``_repr_html_`` methods of the result types build on
   (:class:`~objretrieval.metrics.RetrievalResult`, :class:`~objretrieval.metrics.revisited.RevisitedResult`,
   :class:`~objretrieval.metrics.revisited.GLDv2Result`, :class:`~objretrieval.search.Neighbors`); Jupyter
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "ConfigRepr",
     "config_repr",
     "constructor_arguments",
     "gldv2_result_html",
@@ -50,9 +53,9 @@ def constructor_arguments(obj: Any) -> dict[str, str]:
     """The arguments of ``type(obj).__init__`` that ``obj`` stores, name -> the text of its current value.
 
     An argument is read from the attribute of the same name, or of the name a class declares in a
-    ``config_attributes`` mapping (``{"argument": "attribute"}``, ``None`` to hide an argument). Arguments
-    stored under another name, transformed into tensors or submodules, or whose attribute raises, are skipped:
-    a repr never fails.
+    ``config_attributes`` mapping (``{"argument": "attribute"}``; a dotted ``"part.attribute"`` reads it from
+    a part, each step an attribute or a dict key; ``None`` hides an argument). Arguments stored under another
+    name, transformed into tensors or submodules, or whose attribute raises, are skipped: a repr never fails.
     """
     try:
         parameters = inspect.signature(type(obj).__init__).parameters
@@ -67,7 +70,7 @@ def constructor_arguments(obj: Any) -> dict[str, str]:
         if attribute is None:
             continue
         try:
-            value = getattr(obj, attribute)
+            value = _read(obj, attribute)
         except Exception:  # a missing or failing attribute only leaves the argument out
             continue
         value = _config_value(value)
@@ -76,17 +79,33 @@ def constructor_arguments(obj: Any) -> dict[str, str]:
     return found
 
 
+def _read(obj: Any, path: str) -> Any:
+    """``obj.a.b`` for ``path="a.b"``, where a mapping on the way is indexed (``obj.a["b"]``)."""
+    for name in path.split("."):
+        obj = obj[name] if isinstance(obj, Mapping) else getattr(obj, name)
+    return obj
+
+
 def config_repr(obj: Any) -> str:
     """``"name=value, ..."`` of :func:`constructor_arguments`, for ``extra_repr`` or ``__repr__``."""
     return ", ".join(f"{name}={value}" for name, value in constructor_arguments(obj).items())
 
 
 class ConfigRepr:
-    """Mix into an ``nn.Module`` (before it) to print its constructor arguments: ``Loss(margin=0.2, ...)``."""
+    """Mix in (first among the bases) to print the constructor arguments: ``Loss(margin=0.2, ...)``.
+
+    An ``nn.Module`` keeps its own ``__repr__`` (children included), which calls :meth:`extra_repr`; any other
+    class (samplers, evaluators) prints ``Name(extra_repr)``.
+    """
 
     def extra_repr(self) -> str:
         """The constructor arguments and their values (see :func:`config_repr`)."""
         return config_repr(self)
+
+    def __repr__(self) -> str:
+        if isinstance(self, nn.Module):
+            return super().__repr__()
+        return f"{type(self).__name__}({self.extra_repr()})"
 
 
 def _config_value(value: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import warnings
 
@@ -9,11 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import objretrieval.losses
 from objretrieval.losses import (
     ContextualLoss,
     ContrastiveLoss,
     MarginLoss,
+    MetricLoss,
     MultiSimilarityLoss,
+    ParametricLoss,
     ProxyAnchorLoss,
     ProxyNCALoss,
     ROADMAPLoss,
@@ -52,6 +56,13 @@ def all_losses(num_classes: int, dim: int) -> list:
 
 
 NUM_LOSSES = len(all_losses(2, 4))  # every loss above, for the parametrised checks
+
+
+def test_all_losses_lists_every_exported_metric_loss() -> None:
+    # the parametrised checks cover a new loss only once it is listed above: exporting it without fails here
+    exported = [getattr(objretrieval.losses, name) for name in objretrieval.losses.__all__]
+    metric_losses = {c for c in exported if inspect.isclass(c) and issubclass(c, MetricLoss)}
+    assert {type(loss) for loss in all_losses(2, 4)} == metric_losses - {MetricLoss, ParametricLoss}
 
 
 def brute_force_triplet(x: torch.Tensor, labels: torch.Tensor, margin: float, selection: str) -> torch.Tensor:

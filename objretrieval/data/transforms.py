@@ -9,6 +9,8 @@ from typing import Any
 from torch import Tensor
 from torchvision import transforms as T
 
+from objretrieval.display import ConfigRepr
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -34,7 +36,7 @@ class _PILGaussianBlur:
         return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
 
 
-class DINOMultiCrop:
+class DINOMultiCrop(ConfigRepr):
     """DINO's multi-crop augmentation of one PIL image into global and local crops.
 
     Two global crops (``RandomResizedCrop(global_size, scale=global_scale, bicubic)``, flip, colour jitter
@@ -72,7 +74,9 @@ class DINOMultiCrop:
         self.global_2 = view(crop, _PILGaussianBlur(0.1), T.RandomSolarize(128, p=0.2))
         local_crop = T.RandomResizedCrop(local_size, scale=local_scale, interpolation=bicubic)
         self.local = view(local_crop, _PILGaussianBlur(0.5))
-        self.n_local = n_local
+        self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
+        self.global_scale, self.local_scale = global_scale, local_scale
+        self.mean, self.std, self.photometric = mean, std, photometric
 
     def __call__(self, image: Any) -> tuple[list[Tensor], list[Tensor]]:
         return [self.global_1(image), self.global_2(image)], [self.local(image) for _ in range(self.n_local)]

@@ -49,7 +49,7 @@ class AdversarialDecorrelationLoss(ConfigRepr, nn.Module):
         super().__init__()
         self.class_dim = class_dim = check_positive_int(class_dim, "class_dim")
         self.aux_dim = aux_dim = check_positive_int(aux_dim, "aux_dim")
-        proj_dim = check_positive_int(proj_dim, "proj_dim")
+        self.proj_dim = proj_dim = check_positive_int(proj_dim, "proj_dim")
         self.regressor = nn.Sequential(
             nn.Linear(aux_dim, proj_dim), nn.ReLU(), nn.Linear(proj_dim, class_dim)
         )

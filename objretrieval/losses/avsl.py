@@ -176,11 +176,14 @@ class AVSLProxyAnchorLoss(_AVSLLoss):
         super().__init__(num_levels, level_weights)
         self.num_classes = check_positive_int(num_classes, "num_classes")
         self.max_all_proxies = check_positive_int(max_all_proxies, "max_all_proxies")
-        self.level_margins = _proxy_anchor_margins(pos_margin, neg_margin, alpha)
-        self.final_margins = _proxy_anchor_margins(
-            final_pos_margin, final_neg_margin, final_alpha, prefix="final_"
+        # named as well, for the repr
+        self.level_margins = self.pos_margin, self.neg_margin, self.alpha = _proxy_anchor_margins(
+            pos_margin, neg_margin, alpha
         )
-        embed_dim = check_positive_int(embed_dim, "embed_dim")
+        self.final_margins = self.final_pos_margin, self.final_neg_margin, self.final_alpha = (
+            _proxy_anchor_margins(final_pos_margin, final_neg_margin, final_alpha, prefix="final_")
+        )
+        self.embed_dim = embed_dim = check_positive_int(embed_dim, "embed_dim")
         self.proxies = nn.Parameter(torch.empty(num_levels, self.num_classes, embed_dim))
         for proxy in self.proxies.data:  # the official init, per level
             nn.init.kaiming_normal_(proxy, a=math.sqrt(5))
@@ -242,7 +245,10 @@ class AVSLPairwiseProxyAnchorLoss(_AVSLLoss):
         alpha: float = 16.0,
     ) -> None:
         super().__init__(num_levels, level_weights)
-        self.margins = _proxy_anchor_margins(pos_margin, neg_margin, alpha)
+        # named as well, for the repr
+        self.margins = self.pos_margin, self.neg_margin, self.alpha = _proxy_anchor_margins(
+            pos_margin, neg_margin, alpha
+        )
 
     def forward(
         self, model: AVSL | AttributableSimilarity, features: AVSLFeatures, labels: Tensor

@@ -137,6 +137,11 @@ class CrossBatchMemory(ConfigRepr, nn.Module):
         self._filled = 0
 
     @property
+    def embedding_size(self) -> int | None:
+        """D of the memory; None until the first batch (or a loaded checkpoint) fixes it."""
+        return int(self.embedding_memory.shape[1]) or None
+
+    @property
     def num_filled(self) -> int:
         """How many slots hold an embedding (at most ``size``)."""
         return self._filled

@@ -78,6 +78,8 @@ class DINOLoss(ConfigRepr, nn.Module):
         self.center_momentum = check_number(center_momentum, "center_momentum", low=0, high=1)
         for value, name in ((warmup_teacher_temp, "warmup_teacher_temp"), (teacher_temp, "teacher_temp")):
             check_number(value, name, low=0, low_open=True)
+        self.warmup_teacher_temp, self.teacher_temp = warmup_teacher_temp, teacher_temp
+        self.warmup_teacher_temp_epochs, self.epochs = warmup_teacher_temp_epochs, epochs
         self.teacher_temp_schedule = teacher_temperature_schedule(
             warmup_teacher_temp,
             teacher_temp,

@@ -66,6 +66,7 @@ class MultiSimilarityLoss(TiledPairLoss):
         self.base = check_number(base, "base", low=-1.0, high=1.0)
         self.reduction: Reduction = check_choice(reduction, "reduction", Reduction)
         epsilon = None if mining_epsilon is None else check_number(mining_epsilon, "mining_epsilon", low=0.0)
+        self.mining_epsilon = epsilon
         self.miner = None if epsilon is None else MultiSimilarityMiner(epsilon)
         self.backend, self.tiled, self.tile_size = tiled_options(backend, tiled, tile_size, label_comparison)
 

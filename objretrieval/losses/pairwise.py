@@ -10,7 +10,7 @@ with autocast disabled, so they are safe inside a mixed-precision training step.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,8 @@ class PairDistillationLoss(ConfigRepr, nn.Module):
     Shapes:
         student, teacher: (B,) logits. targets: optional (B,) pair labels (see :class:`PairBCELoss`).
     """
+
+    config_attributes: ClassVar[dict[str, str | None]] = {"pos_weight": "hard.pos_weight"}  # the label term's
 
     def __init__(
         self,

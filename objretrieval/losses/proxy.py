@@ -28,8 +28,8 @@ class _ProxyLoss(ParametricLoss):
     def __init__(self, num_classes: int, embedding_size: int) -> None:
         super().__init__()
         self.num_classes = check_positive_int(num_classes, "num_classes")
-        embedding_size = check_positive_int(embedding_size, "embedding_size")
-        self.proxies = nn.Parameter(torch.empty(self.num_classes, embedding_size))
+        self.embedding_size = check_positive_int(embedding_size, "embedding_size")
+        self.proxies = nn.Parameter(torch.empty(self.num_classes, self.embedding_size))
 
     def _check_dim(self, x: Tensor) -> None:
         if x.shape[1] != self.proxies.shape[1]:

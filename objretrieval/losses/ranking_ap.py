@@ -165,6 +165,10 @@ class ROADMAPLoss(MetricLoss):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "liao2023": {"lam": 0.5, "pos_margin": 0.9, "neg_margin": 0.6, "rank_query_itself": True}
     }
+    # SupAP's arguments live in one dict, passed as a whole
+    config_attributes: ClassVar[dict[str, str | None]] = {
+        name: f"sup.{name}" for name in ("tau", "rho", "delta", "offset", "start")
+    }
 
     def __init__(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from objretrieval._validation import (
     check_ranking,
     to_tensor,
 )
-from objretrieval.display import retrieval_result_html
+from objretrieval.display import ConfigRepr, retrieval_result_html
 from objretrieval.distributed.world import Group
 from objretrieval.metrics.clustering import kmeans
 from objretrieval.metrics.ranks import (
@@ -77,7 +77,7 @@ class RetrievalResult:
         return retrieval_result_html(self)
 
 
-class RetrievalEvaluator:
+class RetrievalEvaluator(ConfigRepr):
     """Evaluate retrieval on one set (leave-one-out), a query set against a gallery, a ranking or a scorer.
 
     Metric names are the rows of the metric table (:func:`~objretrieval.metrics.list_metrics`; add one with
@@ -120,6 +120,9 @@ class RetrievalEvaluator:
             with AVX-512 BF16 / AMX and on GPUs; see :func:`~objretrieval.search.knn`). The exhaustive count
             behind ``map`` and ``mrr`` always runs in float32.
     """
+
+    #: the repr shows the metric names as asked for, not their resolved table rows
+    config_attributes: ClassVar[dict[str, str | None]] = {"metrics": "metric_names"}
 
     def __init__(
         self,
@@ -168,6 +171,11 @@ class RetrievalEvaluator:
             raise ValueError(
                 f"precision={precision!r} is an option of our own search, not of the faiss backend"
             )
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The names of the metrics computed, as given."""
+        return tuple(request.name for request in self.metrics)
 
     def __call__(
         self, queries: Any, query_labels: Any, gallery: GalleryLike | None = None, gallery_labels: Any = None

@@ -15,6 +15,7 @@ concatenated, deduplicated data ordered by index.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from objretrieval._validation import check_choice, check_embeddings, check_label_rows, check_labels, to_tensor
+from objretrieval.display import ConfigRepr
 
 # The re-sharding that makes sharded scores bit-identical to one process's, shared with the sharded kNN.
 from objretrieval.distributed.knn import sharded_knn
@@ -51,6 +53,12 @@ _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 #: Query rows per block of the evaluator's kNN (``knn``'s default); the sharded kNN reproduces one process's
 #: scores only for the same blocks.
 _KNN_QUERY_BLOCK = 4096
+#: Where the reprs of :class:`RetrievalMetrics` and its torchmetrics adapter read the arguments they pass on
+#: to their evaluator: from it (:class:`~objretrieval.display.ConfigRepr`).
+ENGINE_ARGUMENTS: dict[str, str | None] = {
+    name: f"evaluator.{RetrievalEvaluator.config_attributes.get(name) or name}"
+    for name in inspect.signature(RetrievalEvaluator).parameters
+}
 
 
 @dataclass
@@ -169,7 +177,7 @@ def evaluate_rows(evaluator: RetrievalEvaluator, data: dict[Role, Rows]) -> Retr
     return evaluator(*kept["query"], *kept["gallery"])
 
 
-class RetrievalMetrics(nn.Module):
+class RetrievalMetrics(ConfigRepr, nn.Module):
     """Retrieval metrics accumulated over batches: ``update`` per batch, ``compute`` once, ``reset`` after.
 
     The metric names and arguments are those of :class:`~objretrieval.metrics.RetrievalEvaluator`, and
@@ -235,6 +243,7 @@ class RetrievalMetrics(nn.Module):
     """
 
     _anchor: Tensor
+    config_attributes = ENGINE_ARGUMENTS
 
     def __init__(
         self,

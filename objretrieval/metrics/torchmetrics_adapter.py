@@ -24,11 +24,13 @@ except ImportError as err:  # an optional dependency: say which package is missi
         "(RetrievalMetrics itself works without it)"
     ) from err
 
+from objretrieval.display import ConfigRepr
 from objretrieval.metrics.evaluator import Average
 from objretrieval.metrics.ranks import LabelComparison
 from objretrieval.metrics.retrieval import NoRelevantPolicy
 from objretrieval.metrics.streaming import (
     _ROLES,
+    ENGINE_ARGUMENTS,
     Role,
     Rows,
     build_engine,
@@ -40,7 +42,7 @@ from objretrieval.search import Backend, Metric
 from objretrieval.search.exact import Precision
 
 
-class TorchmetricsRetrieval(torchmetrics.Metric):
+class TorchmetricsRetrieval(ConfigRepr, torchmetrics.Metric):
     """The retrieval metrics of :class:`~objretrieval.metrics.RetrievalEvaluator` as a ``torchmetrics.Metric``.
 
     ``update(embeddings, labels, indices=None, *, role="both")`` and the arguments are those of
@@ -68,6 +70,7 @@ class TorchmetricsRetrieval(torchmetrics.Metric):
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
+    config_attributes = ENGINE_ARGUMENTS
 
     def __init__(
         self,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -168,7 +168,7 @@ def topk_mask(x: Tensor, k: int, dim: int = 0, eps: float = 1e-8) -> Tensor:
     return x >= kth - eps
 
 
-class AVSLEmbedder(nn.Module):
+class AVSLEmbedder(ConfigRepr, nn.Module):
     """Per-level 1x1 convolutions: embeddings, activation maps, certainties and link estimates.
 
     Args:
@@ -436,6 +436,13 @@ class AVSL(ConfigRepr, nn.Module):
     In training mode, every forward pass updates the link moving averages, as BatchNorm updates its
     statistics.
     """
+
+    # the arguments live in the two parts that use them; the repr reads them back from there
+    config_attributes: ClassVar[dict[str, str | None]] = {
+        "in_channels": "embedder.in_channels",
+        "official_certainty": "embedder.official_certainty",
+        **{name: f"similarity.{name}" for name in ("topk", "gamma", "momentum", "p")},
+    }
 
     def __init__(
         self,

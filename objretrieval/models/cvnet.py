@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ class GeM(ConfigRepr, nn.Module):
         return F.adaptive_avg_pool2d(x.clamp(min=self.eps).pow(self.p), 1).pow(1.0 / self.p).flatten(1)
 
 
-class CVNetBackbone(nn.Module):
+class CVNetBackbone(ConfigRepr, nn.Module):
     """CVNet's ResNet-101 (pycls layout, expressed with torchvision) with its GeM + linear global head.
 
     ``local_features`` returns the res4 map AMES uses: the output of the last block of ``layer3`` after the
@@ -34,6 +34,8 @@ class CVNetBackbone(nn.Module):
     Args:
         global_dim: output of the global head (2048).
     """
+
+    config_attributes: ClassVar[dict[str, str | None]] = {"global_dim": "fc.out_features"}
 
     def __init__(self, global_dim: int = 2048) -> None:
         super().__init__()

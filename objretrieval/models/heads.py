@@ -40,6 +40,9 @@ class DINOHead(ConfigRepr, nn.Module):
     ) -> None:
         super().__init__()
         check_positive_int(nlayers, "nlayers")
+        self.in_dim, self.out_dim, self.nlayers = in_dim, out_dim, nlayers
+        self.use_bn, self.norm_last_layer = use_bn, norm_last_layer
+        self.hidden_dim, self.bottleneck_dim = hidden_dim, bottleneck_dim
         dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(itertools.pairwise(dims)):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +47,14 @@ class MILEAggregator(ConfigRepr, nn.Module):
         gate_trainable: learn ``gate_alpha`` (MILE's ``gate_tanh``); otherwise a = tanh(0) = 0.
     """
 
+    config_attributes: ClassVar[dict[str, str | None]] = {
+        "num_heads": "mha.num_heads",
+        "gate_trainable": "gate_alpha.requires_grad",
+    }
+
     def __init__(self, dim: int, num_heads: int = 1, mlp_ratio: float = 2.0, gate_trainable: bool = True):
         super().__init__()
-        self.dim = dim
+        self.dim, self.mlp_ratio = dim, mlp_ratio
         self.norm_q = nn.LayerNorm(dim)
         self.norm_kv = nn.LayerNorm(dim)
         self.norm_post_attn = nn.LayerNorm(dim)
@@ -176,6 +181,20 @@ class MILE(ConfigRepr, nn.Module):
     (B, D) set embeddings.
     """
 
+    # the repr reads the aggregator's and the head's arguments back from them (absent without a head)
+    config_attributes: ClassVar[dict[str, str | None]] = {
+        "backbone": "backbone_name",
+        "cross_heads": "aggregator.mha.num_heads",
+        "cross_mlp_ratio": "aggregator.mlp_ratio",
+        "gate_trainable": "aggregator.gate_alpha.requires_grad",
+        "head_hidden_dim": "head.hidden_dim",
+        "head_bottleneck_dim": "head.bottleneck_dim",
+        "head_layers": "head.nlayers",
+        "norm_last_layer": "head.norm_last_layer",
+    }
+    #: the timm name the backbone was built from (absent when a built model was passed)
+    backbone_name: str
+
     def __init__(
         self,
         backbone: str | nn.Module = "vit_large_patch14_reg4_dinov2",
@@ -196,7 +215,12 @@ class MILE(ConfigRepr, nn.Module):
         norm_last_layer: bool = True,
     ) -> None:
         super().__init__()
+        self.pretrained_backbone, self.backbone_kwargs = pretrained_backbone, backbone_kwargs
+        self.lora_r, self.lora_alpha, self.lora_dropout = lora_r, lora_alpha, lora_dropout
+        self.lora_bias = lora_bias
+        self.head_dim = head_dim
         if isinstance(backbone, str):
+            self.backbone_name = backbone
             import timm
 
             kwargs = {"num_classes": 0, "dynamic_img_size": True, **(backbone_kwargs or {})}

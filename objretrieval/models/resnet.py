@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 from torch import Tensor, nn
 
 from objretrieval._validation import check_choice
+from objretrieval.display import ConfigRepr
 
 #: torchvision ResNets the trunk accepts, and "resnet10" (BasicBlock x [1, 1, 1, 1]), a tiny one for tests.
 Architecture = Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
@@ -44,7 +45,7 @@ def _torchvision_resnet(arch: Architecture, weights: str | None) -> Any:
     return models.get_model(arch, weights=weights)
 
 
-class ResNetTrunk(nn.Module):
+class ResNetTrunk(ConfigRepr, nn.Module):
     """A torchvision ResNet without pooling and classifier, returning the stage maps asked for.
 
     Args:
@@ -81,7 +82,7 @@ class ResNetTrunk(nn.Module):
             )
             for s in STAGES
         )
-        self.freeze_bn = freeze_bn
+        self.weights, self.freeze_bn, self.freeze_bn_affine = weights, freeze_bn, freeze_bn_affine
         if freeze_bn_affine:
             for m in self.modules():
                 if isinstance(m, nn.BatchNorm2d):

@@ -28,7 +28,7 @@ import numpy.typing as npt
 from torch.utils.data import Sampler
 
 from objretrieval._validation import check_choice, check_labels, check_positive_int
-from objretrieval.display import config_repr
+from objretrieval.display import ConfigRepr
 from objretrieval.distributed import world as distributed
 
 SmallClasses = Literal["error", "replace", "drop"]
@@ -308,11 +308,12 @@ def _clashing_draws(slots: IntArray, rows: IntArray, cols: IntArray, pool: int) 
     return repeated.reshape(sub.shape)[np.searchsorted(touched, rows), cols]
 
 
-class ChunkBatchSampler(Sampler[list[int]]):
+class ChunkBatchSampler(ConfigRepr, Sampler[list[int]]):
     """Base class: epoch handling, the per-epoch generator and the split of the global batches over ranks.
 
     Subclasses implement :meth:`_num_global_batches` (fixed for the sampler) and :meth:`_global_batches` (the
-    whole epoch's batches, identical on every rank).
+    whole epoch's batches, identical on every rank). They print their constructor arguments
+    (:class:`~objretrieval.display.ConfigRepr`); the label arrays are data and are left out.
     """
 
     def __init__(self, seed: int, rank: int | None, world_size: int | None) -> None:
@@ -320,10 +321,6 @@ class ChunkBatchSampler(Sampler[list[int]]):
         self.seed = check_seed(seed, "seed")
         self.rank, self.world_size = resolve_world(rank, world_size)
         self.epoch = 0
-
-    def __repr__(self) -> str:
-        # samplers are not nn.Modules: the same constructor-argument listing as the losses' extra_repr
-        return f"{type(self).__name__}({config_repr(self)})"
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose batches the next iteration yields (call it before every epoch, as with

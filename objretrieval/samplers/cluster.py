@@ -31,6 +31,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from objretrieval._validation import check_number
+from objretrieval.display import ConfigRepr
 from objretrieval.samplers._common import IntArray, SmallClasses, as_label_array
 from objretrieval.samplers.m_per_class import MPerClassSampler
 
@@ -124,7 +125,7 @@ class ClusterBatchSampler(MPerClassSampler):
             yield [(index, label) for index, label in pairs]
 
 
-class PseudoLabelledDataset(Dataset[tuple[Any, int]]):
+class PseudoLabelledDataset(ConfigRepr, Dataset[tuple[Any, int]]):
     """Wrap an image dataset so that ``dataset[(index, label)]`` gives ``(image, label)``.
 
     For :class:`ClusterBatchSampler`, whose labels are not the dataset's own. The wrapped dataset may return

@@ -191,14 +191,6 @@ class HierarchicalSampler(ChunkBatchSampler):
         batches = halves[half_of_slot].reshape(-1, self.batch_size)
         return batches[rng.permutation(batches.shape[0])]
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(num_samples={self.labels.size}, num_classes={self.table.num_classes}, "
-            f"num_super_labels={self.super_values.size}, batch_size={self.batch_size}, m={self.m}, "
-            f"small_classes={self.small_classes!r}, seed={self.seed}, rank={self.rank}, "
-            f"world_size={self.world_size}, batches_per_rank={len(self)})"
-        )
-
 
 def _check_nested(labels: IntArray, super_labels: IntArray) -> None:
     """Raise unless every class has a single super-label."""

@@ -130,10 +130,3 @@ class MPerClassSampler(ChunkBatchSampler):
             every_class, self.num_batches, self.classes_per_batch, shuffled, rng
         )
         return batches[rng.permutation(self.num_batches)]
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(num_samples={self.labels.size}, num_classes={self.table.num_classes}, "
-            f"batch_size={self.batch_size}, m={self.m}, small_classes={self.small_classes!r}, "
-            f"seed={self.seed}, rank={self.rank}, world_size={self.world_size}, batches_per_rank={len(self)})"
-        )

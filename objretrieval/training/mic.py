@@ -28,13 +28,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, ClassVar, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from objretrieval._validation import check_choice, check_embeddings, check_labels, check_positive_int
+from objretrieval.display import ConfigRepr
 from objretrieval.losses.adversarial import AdversarialDecorrelationLoss
 from objretrieval.losses.margin import MarginLoss, Normalizer
 from objretrieval.metrics.clustering import kmeans
@@ -150,7 +151,7 @@ def cluster_labels(
     return assignment
 
 
-class InterclassClusters:
+class InterclassClusters(ConfigRepr):
     """The shared task's pseudo-labels and when to recompute them.
 
     First, k-means on class-centred early-layer features (:meth:`MIC.cluster_features`), which groups images by
@@ -237,7 +238,7 @@ class MICStepStats(NamedTuple):
     shared_adversarial: float | None
 
 
-class MICTraining(nn.Module):
+class MICTraining(ConfigRepr, nn.Module):
     """MIC's objective around a :class:`~objretrieval.models.MIC`: two margin losses and the decorrelation loss.
 
     Holds the learnable loss parameters: per-class margins for the class task, per-cluster margins for the
@@ -260,6 +261,15 @@ class MICTraining(nn.Module):
             upper cutoff), drawing from ``generator``.
         generator: random generator of the triplets and of the task draws.
     """
+
+    # the losses' arguments are read back from the losses (the learnable margins beta are state)
+    config_attributes: ClassVar[dict[str, str | None]] = {
+        "num_classes": "class_loss.num_classes",
+        "num_clusters": "shared_loss.num_classes",
+        "margin": "class_loss.margin",
+        "projection_dim": "adversarial.proj_dim",
+        "normalizer": "class_loss.normalizer",
+    }
 
     def __init__(
         self,

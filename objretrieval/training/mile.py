@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from objretrieval._validation import check_padded_sets
 from objretrieval.data.image_sets import MultiCropSetBatch
+from objretrieval.display import ConfigRepr
 from objretrieval.distributed.world import all_reduce_sum_, is_distributed, world_size
 from objretrieval.losses.dino import DINOLoss
 from objretrieval.models.mile import MILE
@@ -114,7 +115,7 @@ class _StudentViews(nn.Module):
         return _multicrop_views(self.student, crops, mask, mixing)
 
 
-class MILESelfSupervised(nn.Module):
+class MILESelfSupervised(ConfigRepr, nn.Module):
     """Student and EMA teacher MILE models with the DINO loss; call :meth:`training_step` from your loop.
 
     Args:

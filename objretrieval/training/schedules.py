@@ -31,7 +31,7 @@ def cosine_schedule(
     return np.concatenate((warmup, cosine))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class DINOSchedules:
     """Learning rate, weight decay and teacher momentum per iteration, as DINO and MILE schedule them.
 
@@ -67,3 +67,12 @@ class DINOSchedules:
 
     def __len__(self) -> int:
         return len(self.lr)
+
+    def __repr__(self) -> str:
+        # the per-iteration arrays are state, never printed whole (objretrieval.display): their ends and peak
+        parts = [f"iterations={len(self)}"] + [
+            f"{name}=(start={v[0]:.4g}, max={v.max():.4g}, end={v[-1]:.4g})"
+            for name, v in (("lr", self.lr), ("weight_decay", self.weight_decay), ("momentum", self.momentum))
+            if len(v)
+        ]
+        return f"{type(self).__name__}({', '.join(parts)})"
