@@ -9,7 +9,7 @@ tile), as flash-attention computes attention:
 1. a pass over the tiles of ``S = E E^T`` keeps per-row statistics only: for the miner, each anchor's hardest
    positive and negative; then the loss's row sums, counts or log-sum-exps (online, with a running max);
 2. the loss is a few O(B) operations on those statistics, and so is whether the batch is empty by the rule of
-   the loss class's dense path (:func:`recording_empty_batches`);
+   the loss class's dense path (``return_empty``);
 3. the backward recomputes each tile, turns it into the per-pair coefficients ``G = dL/dS`` from the row
    statistics and accumulates ``dL/dE = (G + G^T) E`` (``2 G E`` for the contrastive loss, whose ``G`` is
    symmetric) without ever holding ``G``.
@@ -29,9 +29,6 @@ faster.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -552,32 +549,15 @@ def _triton_grad(
 # ----------------------------------------------------------------------------------------------------------
 
 
-#: Inside :func:`recording_empty_batches`: whether each tiled loss computed had an empty batch.
-_EMPTY_BATCHES: ContextVar[list[bool] | None] = ContextVar("tiled_empty_batches", default=None)
-
-
-@contextmanager
-def recording_empty_batches() -> Iterator[list[bool]]:
-    """Collect, for each tiled loss computed inside, whether its batch offered no pair to learn from, decided
-    from the forward's row statistics by the rule of the loss class's dense path (each loss's ``empty``).
-
-    The tiled functions return a plain zero for such a batch (their value there); a loss class computes them
-    inside this context and then gives its dense path's answer instead: the warning, ``num_empty_batches``
-    and a zero that keeps the graph (:class:`~objretrieval.losses.tiled.TiledPairLoss`)."""
-    record: list[bool] = []
-    token = _EMPTY_BATCHES.set(record)
-    try:
-        yield record
-    finally:
-        _EMPTY_BATCHES.reset(token)
-
-
 class _TiledPairLoss(torch.autograd.Function):
     """A pairwise loss of normalised embeddings whose forward keeps O(B) statistics and whose backward
-    recomputes the similarity tiles."""
+    recomputes the similarity tiles. Outputs the loss and whether the batch is empty by the rule of the loss
+    class's dense path (each loss's ``empty``, from the same statistics; not differentiable)."""
 
     @staticmethod
-    def forward(ctx: Any, e: Tensor, labels: Tensor, loss: _Loss, backend: str, tile: int) -> Tensor:
+    def forward(
+        ctx: Any, e: Tensor, labels: Tensor, loss: _Loss, backend: str, tile: int
+    ) -> tuple[Tensor, Tensor]:
         stats_of, grad_of = (
             (_triton_stats, _triton_grad) if backend == "triton" else (_torch_stats, _torch_grad)
         )
@@ -586,14 +566,13 @@ class _TiledPairLoss(torch.autograd.Function):
             stats = stats_of(loss, e, labels, mining, tile).to(e.dtype)
         ctx.save_for_backward(e, labels, mining, stats)
         ctx.loss, ctx.grad_of, ctx.tile = loss, grad_of, tile
-        record = _EMPTY_BATCHES.get()
-        if record is not None:
-            record.append(loss.empty(stats, labels, mining))
-        return loss.value(stats, labels)
+        empty = torch.tensor(loss.empty(stats, labels, mining))
+        ctx.mark_non_differentiable(empty)
+        return loss.value(stats, labels), empty
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad: Tensor, _grad_empty: Any) -> tuple[Tensor | None, ...]:
         e, labels, mining, stats = ctx.saved_tensors
         with full_precision(e.device):
             constants = ctx.loss.row_constants(stats, labels, grad.to(e.dtype))
@@ -624,6 +603,11 @@ def _prepare(embeddings: Any, labels: Any, tile_size: int | None, backend: Kerne
     return e, y, run, tile
 
 
+def _apply(e: Tensor, labels: Tensor, loss: _Loss, run: str, tile: int, return_empty: bool) -> Any:
+    value, empty = _TiledPairLoss.apply(e, labels, loss, run, tile)
+    return (value, bool(empty)) if return_empty else value
+
+
 def tiled_contrastive_loss(
     embeddings: Tensor,
     labels: Tensor,
@@ -633,7 +617,8 @@ def tiled_contrastive_loss(
     reduction: Reduction = "mean_nonzero",
     tile_size: int | None = None,
     backend: KernelBackend = "torch",
-) -> Tensor:
+    return_empty: bool = False,
+) -> Any:
     """:class:`~objretrieval.losses.ContrastiveLoss` of a batch's own pairs in O(B x tile_size) memory.
 
     ``mean_{S_ij < m+} (m+ - S_ij) + mean_{S_ij > m-} (S_ij - m-)`` over the positive / negative pairs
@@ -649,9 +634,12 @@ def tiled_contrastive_loss(
             of two in [16, 64]).
         backend: ``"torch"`` (row panels, any device), ``"triton"`` (the kernel: CUDA tensors, or CPU tensors
             under ``TRITON_INTERPRET=1``) or ``"auto"``.
+        return_empty: also return whether the batch offered no pair to learn from, by the rule of the loss
+            class's dense path, which then warns and counts it (``MetricLoss.num_empty_batches``).
 
     Returns:
-        The scalar loss (float32; float64 for float64 embeddings on the torch path).
+        The scalar loss (float32; float64 for float64 embeddings on the torch path); with ``return_empty``,
+        ``(loss, empty)``.
     """
     loss = _Contrastive(
         check_number(pos_margin, "pos_margin", low=-1.0, high=1.0),
@@ -659,7 +647,7 @@ def tiled_contrastive_loss(
         check_choice(reduction, "reduction", Reduction),
     )
     e, y, run, tile = _prepare(embeddings, labels, tile_size, backend)
-    return _TiledPairLoss.apply(e, y, loss, run, tile)
+    return _apply(e, y, loss, run, tile, return_empty)
 
 
 def tiled_multi_similarity_loss(
@@ -673,7 +661,8 @@ def tiled_multi_similarity_loss(
     reduction: Reduction = "mean",
     tile_size: int | None = None,
     backend: KernelBackend = "torch",
-) -> Tensor:
+    return_empty: bool = False,
+) -> Any:
     """:class:`~objretrieval.losses.MultiSimilarityLoss` of a batch's own pairs in O(B x tile_size) memory.
 
     Per anchor ``(1/alpha) log(1 + sum_pos e^{-alpha (S - base)}) + (1/beta) log(1 + sum_neg e^{beta (S -
@@ -691,9 +680,10 @@ def tiled_multi_similarity_loss(
         reduction: over anchors, ``"mean"``, ``"mean_nonzero"`` or ``"sum"``.
         tile_size: rows per tile (see :func:`tiled_contrastive_loss`).
         backend: ``"torch"``, ``"triton"`` or ``"auto"`` (see :func:`tiled_contrastive_loss`).
+        return_empty: also return whether the batch is empty (see :func:`tiled_contrastive_loss`).
 
     Returns:
-        The scalar loss.
+        The scalar loss; with ``return_empty``, ``(loss, empty)``.
     """
     epsilon = None if mining_epsilon is None else check_number(mining_epsilon, "mining_epsilon", low=0.0)
     loss = _MultiSimilarity(
@@ -704,7 +694,7 @@ def tiled_multi_similarity_loss(
         check_choice(reduction, "reduction", Reduction),
     )
     e, y, run, tile = _prepare(embeddings, labels, tile_size, backend)
-    return _TiledPairLoss.apply(e, y, loss, run, tile)
+    return _apply(e, y, loss, run, tile, return_empty)
 
 
 def tiled_supcon_loss(
@@ -714,7 +704,8 @@ def tiled_supcon_loss(
     temperature: float = 0.1,
     tile_size: int | None = None,
     backend: KernelBackend = "torch",
-) -> Tensor:
+    return_empty: bool = False,
+) -> Any:
     """Supervised contrastive loss (pytorch-metric-learning's ``SupConLoss``) in O(B x tile_size) memory.
 
     Anchor ``i`` with positives ``P(i)`` contributes ``logsumexp_{j != i} S_ij / T - mean_{p in P(i)} S_ip / T``;
@@ -727,13 +718,14 @@ def tiled_supcon_loss(
         temperature: the softmax temperature ``T`` (> 0).
         tile_size: rows per tile (see :func:`tiled_contrastive_loss`).
         backend: ``"torch"``, ``"triton"`` or ``"auto"`` (see :func:`tiled_contrastive_loss`).
+        return_empty: also return whether the batch is empty (see :func:`tiled_contrastive_loss`).
 
     Returns:
-        The scalar loss.
+        The scalar loss; with ``return_empty``, ``(loss, empty)``.
     """
     loss = _SupCon(check_number(temperature, "temperature", low=0.0, low_open=True))
     e, y, run, tile = _prepare(embeddings, labels, tile_size, backend)
-    return _TiledPairLoss.apply(e, y, loss, run, tile)
+    return _apply(e, y, loss, run, tile, return_empty)
 
 
 def tiled_options(

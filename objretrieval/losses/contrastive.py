@@ -167,7 +167,7 @@ class ContrastiveLoss(TiledPairLoss):
         self.reduction: Reduction = check_choice(reduction, "reduction", Reduction)
         self.backend, self.tiled, self.tile_size = tiled_options(backend, tiled, tile_size, label_comparison)
 
-    def tiled_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+    def tiled_loss(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, bool]:
         return tiled_contrastive_loss(
             embeddings,
             labels,
@@ -176,6 +176,7 @@ class ContrastiveLoss(TiledPairLoss):
             reduction=self.reduction,
             tile_size=self.tile_size,
             backend=self.backend,
+            return_empty=True,
         )
 
     def compute_loss(self, batch: PairBatch) -> Tensor | None:

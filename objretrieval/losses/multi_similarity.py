@@ -70,7 +70,7 @@ class MultiSimilarityLoss(TiledPairLoss):
         self.miner = None if epsilon is None else MultiSimilarityMiner(epsilon)
         self.backend, self.tiled, self.tile_size = tiled_options(backend, tiled, tile_size, label_comparison)
 
-    def tiled_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+    def tiled_loss(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, bool]:
         return tiled_multi_similarity_loss(
             embeddings,
             labels,
@@ -81,6 +81,7 @@ class MultiSimilarityLoss(TiledPairLoss):
             reduction=self.reduction,
             tile_size=self.tile_size,
             backend=self.backend,
+            return_empty=True,
         )
 
     def compute_loss(self, batch: PairBatch) -> Tensor | None:

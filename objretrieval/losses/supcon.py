@@ -110,9 +110,14 @@ class SupConLoss(TiledPairLoss):
                 f"reduction 'mean_nonzero' only, got {reduction!r}; use backend='torch', tiled=False"
             )
 
-    def tiled_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+    def tiled_loss(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, bool]:
         return tiled_supcon_loss(
-            embeddings, labels, temperature=self.temperature, tile_size=self.tile_size, backend=self.backend
+            embeddings,
+            labels,
+            temperature=self.temperature,
+            tile_size=self.tile_size,
+            backend=self.backend,
+            return_empty=True,
         )
 
     def compute_loss(self, batch: PairBatch) -> Tensor | None:

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from objretrieval.kernels.dispatch import KernelBackend
-from objretrieval.kernels.pairwise_losses import check_tiled_call, recording_empty_batches
+from objretrieval.kernels.pairwise_losses import check_tiled_call
 from objretrieval.losses.base import MetricLoss
 
 
@@ -26,10 +26,10 @@ class TiledPairLoss(MetricLoss):
 
     def tiled_forward(self, embeddings: Tensor, labels: Tensor, **arguments: Any) -> Tensor | None:
         check_tiled_call(self, embeddings, labels, **arguments)
-        with recording_empty_batches() as empty:
-            loss = self.tiled_loss(embeddings, labels)
-        return None if any(empty) else loss
+        loss, empty = self.tiled_loss(embeddings, labels)
+        return None if empty else loss
 
-    def tiled_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """The loss of the batch's own pairs, computed tile by tile."""
+    def tiled_loss(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, bool]:
+        """The loss of the batch's own pairs, computed tile by tile, and whether the batch is empty (a tiled
+        function's ``return_empty=True``)."""
         raise NotImplementedError
