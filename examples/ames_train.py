@@ -3,9 +3,9 @@ distilled from it (the training the AMES paper describes; the official repositor
 
 The example writes its own descriptor files in AMES's layout (``features`` (N, T, 5 + D), sorted by weight): each
 "object" has a set of part descriptors; an image of it shows a random subset of those parts (with noise) among
-background clutter shared by all objects, so two images match when they share parts. Training reads batches of
-images from the files by index, as it would from real extracted descriptors. Objects of the validation file are
-unseen in training; the script prints the ROC AUC of match logits on validation pairs.
+background clutter shared by all objects, so two images match when they share parts (``parts.py``). Training
+reads batches of images from the files by index, as it would from real extracted descriptors. Objects of the
+validation file are unseen in training; the script prints the ROC AUC of match logits on validation pairs.
 
 Run:  uv run examples/ames_train.py [--steps 300]
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from parts import part_images, sample_pairs
 
-from objretrieval.descriptors import HEADER, DescriptorStore
+from objretrieval.descriptors import DescriptorStore
 from objretrieval.losses import PairBCELoss, PairDistillationLoss
 from objretrieval.models import AMES
 
@@ -29,39 +29,10 @@ def write_descriptor_file(
     path: Path, objects: int, images_per_object: int, dim: int, rows: int, generator: torch.Generator
 ) -> np.ndarray:
     """Synthetic images of ``objects`` objects written as AMES rows; returns the (N,) object labels."""
-    parts = F.normalize(torch.randn(objects, 24, dim, generator=generator), dim=-1)
-    clutter = F.normalize(torch.randn(64, dim, generator=generator), dim=-1)
-    labels = np.repeat(np.arange(objects), images_per_object)
-    with DescriptorStore.create(path, len(labels), rows, dim) as store:
-        for i, label in enumerate(labels):
-            visible = parts[label, torch.randperm(24, generator=generator)[: rows // 2]]
-            background = clutter[torch.randint(0, 64, (rows - rows // 2,), generator=generator)]
-            descriptors = torch.cat([visible, background]) + 0.05 * torch.randn(
-                rows, dim, generator=generator
-            )
-            weights = descriptors.norm(dim=1)
-            order = weights.argsort(descending=True)
-            image = torch.zeros(rows, HEADER + dim)
-            image[:, 4], image[:, HEADER:] = weights[order], descriptors[order]
-            store.write(i, image[None])
-    return labels
-
-
-def sample_pairs(
-    labels: np.ndarray, batch: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``batch`` (query, database, is_match) pairs, half matching (same object, another image), half not."""
-    queries = rng.integers(0, len(labels), batch)
-    match = np.arange(batch) % 2 == 0
-    database = np.empty(batch, dtype=np.int64)
-    for j, (q, m) in enumerate(zip(queries, match, strict=True)):
-        pool = (
-            np.flatnonzero((labels == labels[q]) & (np.arange(len(labels)) != q))
-            if m
-            else np.flatnonzero(labels != labels[q])
-        )
-        database[j] = rng.choice(pool)
-    return queries, database, match
+    images = part_images(objects, images_per_object, dim, rows, generator)
+    with DescriptorStore.create(path, len(images.labels), rows, dim) as store:
+        store.write(0, images.rows())
+    return images.labels
 
 
 def read_pairs(store: DescriptorStore, queries: np.ndarray, database: np.ndarray, args: argparse.Namespace):

@@ -5,6 +5,9 @@
   (the :class:`ConfigRepr` mixin), so ``ContrastiveLoss()`` shows as
   ``ContrastiveLoss(pos_margin=1.0, neg_margin=0.5, ...)``. Tensors and arrays other than single numbers
   (labels, proxies) and long sequences are state, never shown.
+- :class:`SummaryRepr` prints the objects that hold data (shortlists, caches, descriptor files, results) as a
+  summary, ``Shortlist(queries=70, depth=100, missing=0)``: a tensor or array in it shows its shape and dtype,
+  never its values (:func:`summary_value`).
 - :func:`html_table` is the one HTML table the ``_repr_html_`` methods of the result types build on
   (:class:`~objretrieval.metrics.RetrievalResult`, :class:`~objretrieval.metrics.revisited.RevisitedResult`,
   :class:`~objretrieval.metrics.revisited.GLDv2Result`, :class:`~objretrieval.search.Neighbors`); Jupyter
@@ -13,11 +16,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import inspect
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -25,6 +29,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "ConfigRepr",
+    "SummaryRepr",
     "config_repr",
     "constructor_arguments",
     "gldv2_result_html",
@@ -33,6 +38,7 @@ __all__ = [
     "per_query_html",
     "retrieval_result_html",
     "revisited_result_html",
+    "summary_value",
 ]
 
 #: Sequences longer than this are state (labels, per-class values), not configuration: left out of reprs.
@@ -132,13 +138,55 @@ def _config_value(value: Any) -> Any:
         items = [_config_value(v) for v in value]
         if any(item is _SKIP for item in items):
             return _SKIP
-        inner = ", ".join(items) + ("," if isinstance(value, tuple) and len(items) == 1 else "")
-        return f"({inner})" if isinstance(value, tuple) else f"[{inner}]"
+        return _bracketed(items, value)
     if inspect.isroutine(value) or inspect.isclass(value):  # e.g. a label_comparison function
         return getattr(value, "__qualname__", type(value).__name__)
     text = repr(value)
     # default object reprs (<... at 0x...>) and long ones say less than the type's name
     return type(value).__name__ if text.startswith("<") or len(text) > _MAX_VALUE_REPR else text
+
+
+class SummaryRepr:
+    """Mix in (first among the bases) to print an object that holds data as ``Name(field=value, ...)``.
+
+    The fields are those :meth:`summary_fields` returns: by default a dataclass's fields (declare it with
+    ``repr=False``, or the dataclass's own repr wins), each shown by :func:`summary_value`; a class overrides
+    :meth:`summary_fields` to show counts instead (``queries=70``).
+    """
+
+    def summary_fields(self) -> dict[str, Any]:
+        """Name -> value of what the repr shows."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(cast(Any, self)) if f.repr}
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={summary_value(value)}" for name, value in self.summary_fields().items())
+        return f"{type(self).__name__}({fields})"
+
+
+def summary_value(value: Any) -> str:
+    """The text of one value of a summary: a tensor or array (other than a 0-d one) as its shape and dtype,
+    ``Tensor(shape=(70, 100), dtype=float32)``; mappings and short sequences item by item; the rest as its
+    repr."""
+    if isinstance(value, (Tensor, np.ndarray)):
+        if value.ndim == 0:  # one number, e.g. a metric kept as a tensor
+            return repr(value.item())
+        dtype = str(value.dtype).removeprefix("torch.")
+        return f"{type(value).__name__}(shape={tuple(value.shape)}, dtype={dtype})"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k!r}: {summary_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):  # NamedTuples print themselves
+        if len(value) > _MAX_SEQUENCE:
+            return f"{type(value).__name__}(len={len(value)})"
+        return _bracketed([summary_value(v) for v in value], value)
+    if isinstance(value, np.generic):
+        return str(value)  # 0.5, where numpy 2's repr says np.float64(0.5)
+    return repr(value)
+
+
+def _bracketed(items: list[str], sequence: tuple[Any, ...] | list[Any]) -> str:
+    """``(a, b)``, ``(a,)`` or ``[a, b]``: the texts of a sequence's items in its brackets."""
+    inner = ", ".join(items) + ("," if isinstance(sequence, tuple) and len(items) == 1 else "")
+    return f"({inner})" if isinstance(sequence, tuple) else f"[{inner}]"
 
 
 # ----------------------------------------------------------------------------------------------- HTML

@@ -308,6 +308,7 @@ def draw_reranking(
     relevant: Any = None,
     k: int = 8,
     cmap: str = "gray",
+    title: str | None = None,
     path: PathLike | None = None,
 ) -> Any:
     """Draw one query's shortlist before and after reranking (e.g. by AMES), relevant items marked.
@@ -324,6 +325,7 @@ def draw_reranking(
             frame, the others a red one. None draws no frames.
         k: images per row (at most the rankings' depth).
         cmap: colour map of single-channel images.
+        title: the figure's title.
         path: if given, save the figure there.
 
     Returns:
@@ -361,6 +363,8 @@ def draw_reranking(
             frame = None if is_relevant is None else (_RIGHT if is_relevant[g] else _WRONG)
             caption = f"#{col}" if row == 0 else f"#{col} (was #{rank_before.get(g, '-')})"
             _show(axes[row, col], gallery[g], cmap=cmap, frame=frame, title=caption)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _finish(fig, path)
 
 
@@ -375,20 +379,39 @@ def _set_steps(model: MILE, images: Tensor) -> Tensor:
     return torch.stack(steps)
 
 
+def _references(references: Any, steps: Tensor) -> dict[str, Tensor]:
+    """name -> (D,) finite reference embedding; the final step when ``references`` is None."""
+    if references is None:
+        return {"final embedding": steps[-1]}
+    if not isinstance(references, Mapping) or not references:
+        raise ValueError("references must be a non-empty mapping of curve name -> (D,) embedding")
+    checked = {}
+    for name, reference in references.items():
+        label = f"references[{name!r}]"
+        ref = to_tensor(reference, label).detach().float().cpu()
+        if ref.shape != steps.shape[1:]:
+            raise ValueError(f"{label} must be ({steps.shape[1]},), got shape {tuple(ref.shape)}")
+        check_finite_values(ref, label)
+        checked[str(name)] = ref
+    return checked
+
+
 def plot_set_embedding(
     images: Images | None = None,
     *,
     model: MILE | None = None,
     steps: Any = None,
-    reference: Any = None,
+    references: Mapping[str, Any] | None = None,
     cmap: str = "gray",
+    title: str = "MILE set embedding as images are added",
     path: PathLike | None = None,
 ) -> Any:
-    """Plot how a MILE set embedding settles as the images of a set are added one by one.
+    """Plot how a MILE set embedding moves as the images of a set are added one by one.
 
-    The curve is the cosine similarity of the running set embedding (after images 1..t) to a reference
-    embedding, by default the final one (all images), so it ends at 1; cosine rather than MILE's raw inner
-    product keeps the scale readable. The images are shown as thumbnails under the x-axis, in feed order.
+    Each curve is the cosine similarity of the running set embedding (after images 1..t) to one reference
+    embedding, e.g. the same object's embedding from other photos and another object's; by default the final
+    step (all images), so the curve ends at 1. Cosine rather than MILE's raw inner product keeps the scale
+    readable. The images are shown as thumbnails under the x-axis, in feed order.
 
     Give either ``model`` with ``images`` (the embeddings are built with :meth:`~objretrieval.models.MILE.update`,
     without gradients and in the model's current mode), or ``steps``, precomputed embeddings (e.g.
@@ -399,12 +422,14 @@ def plot_set_embedding(
             batch of the module's formats for the thumbnails with ``steps``.
         model: a :class:`~objretrieval.models.MILE`.
         steps: (N, D) set embedding after each image.
-        reference: (D,) embedding to compare with, e.g. another set of the same object (default the final step).
+        references: curve name (the legend) -> (D,) embedding to compare with; default the final step.
         cmap: colour map of single-channel thumbnails.
+        title: the curves' title.
         path: if given, save the figure there.
 
     Returns:
-        The matplotlib figure: the curve's axes, then one axes per thumbnail.
+        The matplotlib figure: the curves' axes (one line per reference, in the mapping's order), then one
+        axes per thumbnail.
     """
     plt = _pyplot()
     if (model is None) == (steps is None):
@@ -422,32 +447,27 @@ def plot_set_embedding(
     if e.ndim != 2 or e.shape[0] == 0:
         raise ValueError(f"steps must be (N, D) with N >= 1, got shape {tuple(e.shape)}")
     check_finite_values(e, "steps")
-    if reference is None:
-        ref = e[-1]
-    else:
-        ref = to_tensor(reference, "reference").detach().float().cpu()
-        if ref.shape != e.shape[1:]:
-            raise ValueError(f"reference must be ({e.shape[1]},), got shape {tuple(ref.shape)}")
-        check_finite_values(ref[None], "reference")
+    refs = _references(references, e)
     thumbs = None if images is None else _ImageBatch(images, "images")
     if thumbs is not None and len(thumbs) != len(e):
         raise ValueError(f"images has {len(thumbs)} images but steps has {len(e)} rows")
-    similarity = F.cosine_similarity(e, ref[None], dim=1)
 
     n = len(e)
-    fig = plt.figure(figsize=(max(4.0, 0.9 * n), 3.8 if thumbs is not None else 3.0))
+    fig = plt.figure(figsize=(max(4.5, 0.9 * n), 3.8 if thumbs is not None else 3.0))
     grid = fig.add_gridspec(
         2 if thumbs is not None else 1, n, height_ratios=[3, 1] if thumbs is not None else None
     )
     ax = fig.add_subplot(grid[0, :])
     positions = list(range(1, n + 1))
-    ax.plot(positions, similarity.numpy(), marker="o")
+    for name, ref in refs.items():
+        ax.plot(positions, F.cosine_similarity(e, ref[None], dim=1).numpy(), marker="o", label=name)
     ax.set_xlim(0.5, n + 0.5)
     ax.set_xticks(positions)
     ax.set_xlabel("images in the set")
-    ax.set_ylabel("cosine to " + ("final" if reference is None else "reference"))
-    ax.set_title("MILE set embedding as images are added")
+    ax.set_ylabel("cosine similarity")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     if thumbs is not None:
         for t in range(n):
             _show(fig.add_subplot(grid[1, t]), thumbs[t], cmap=cmap)

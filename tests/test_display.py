@@ -1,29 +1,43 @@
-"""Display: configuration reprs of losses, miners, samplers, models and evaluators; HTML tables of results."""
+"""Display: configuration reprs of losses, miners, samplers, models, evaluators, rerankers and extractors;
+summaries of the objects that hold data; HTML tables of results."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import re
+from collections.abc import Callable
 from html.parser import HTMLParser
+from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import objretrieval
+import objretrieval.descriptors as descriptors
 import objretrieval.losses as losses
 import objretrieval.miners as miners
+import objretrieval.reranking as reranking
 import objretrieval.samplers as samplers
 from objretrieval.data.transforms import DINOMultiCrop
-from objretrieval.display import ConfigRepr, config_repr, html_table, per_query_html
+from objretrieval.display import (
+    ConfigRepr,
+    SummaryRepr,
+    config_repr,
+    html_table,
+    per_query_html,
+    summary_value,
+)
 from objretrieval.metrics import RetrievalEvaluator
 from objretrieval.metrics.revisited import gldv2_map, revisited_map
 from objretrieval.metrics.streaming import RetrievalMetrics
 from objretrieval.models import AMES, AVSL, MIC, MILE, CVNetBackbone, get_model_entry
+from objretrieval.models.ames import BinarizationLayer
 from objretrieval.search import Neighbors, knn
 from objretrieval.training.mic import InterclassClusters, MICTraining
 from objretrieval.training.mile import MILESelfSupervised
@@ -92,8 +106,6 @@ NOT_SHOWN: dict[type, set[str]] = {
     # the initial value of learnable per-class margins, which are state
     losses.AVSLMarginLoss: {"beta"},
     MICTraining: {"beta"},
-    # AMES keeps these only in its layers (objretrieval/models/ames.py): remove them here once it shows them
-    AMES: {"nhead", "num_encoder_layers", "dim_feedforward", "activation", "normalize_before"},
 }
 
 
@@ -120,9 +132,21 @@ def own_text(obj: Any) -> str:
     return obj.extra_repr() if isinstance(obj, nn.Module) else repr(obj)
 
 
+#: Values that are data or parts, never configuration: a repr leaves them out (a module prints as a child).
+DATA = (
+    np.ndarray,
+    torch.Tensor,
+    nn.Module,
+    descriptors.DescriptorStore,
+    descriptors.BinaryCodeStore,
+    reranking.DatabaseCache,
+)
+
+
 def shown_as(value: Any) -> str | None:
-    """The text a configuration value is shown as; None for data and parts (arrays, modules)."""
-    if isinstance(value, (np.ndarray, torch.Tensor, nn.Module)):
+    """The text a configuration value is shown as; None for data and parts (arrays, modules, stores, and
+    tuples of them)."""
+    if isinstance(value, DATA) or (isinstance(value, tuple) and any(isinstance(v, DATA) for v in value)):
         return None
     return value.__qualname__ if inspect.isfunction(value) else repr(value)
 
@@ -267,6 +291,257 @@ def test_the_mixin_prints_plain_objects_and_keeps_a_modules_children() -> None:
     assert repr(Module(4)).splitlines() == ["Module(", "  size=4", "  (layer): Identity()", ")"]
 
 
+# ------------------------------------------------------------------ reranking, descriptors, summaries
+
+
+def tiny_ames(**overrides: Any) -> AMES:
+    torch.manual_seed(0)
+    arguments = {"local_dim": 16, "model_dim": 16, "nhead": 2, "num_encoder_layers": 1, "dim_feedforward": 32}
+    return AMES(**{**arguments, **overrides}).eval()
+
+
+def local_descriptors(images: int, descriptors_per_image: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(images, T, 16) random descriptors and a padding mask with the last slot of image 0 padded."""
+    local = torch.randn(images, descriptors_per_image, 16, generator=torch.Generator().manual_seed(seed))
+    padding = torch.zeros(images, descriptors_per_image, dtype=torch.bool)
+    padding[0, -1] = True
+    return local, padding
+
+
+def tiny_vit() -> nn.Module:
+    import timm
+
+    return timm.create_model("vit_small_patch14_reg4_dinov2", dynamic_img_size=True, **TINY_VIT)
+
+
+#: Every exported class of objretrieval.reranking and objretrieval.descriptors that takes configuration, with a
+#: builder of its arguments (given a temporary folder), at least one not its default.
+CONFIGURED_PARTS: dict[type, Callable[[Path], dict[str, Any]]] = {
+    reranking.AMESScorer: lambda tmp: {
+        "model": tiny_ames(),
+        "queries": local_descriptors(3, 5),
+        "database": local_descriptors(4, 6, seed=1),
+        "database_descriptors": 4,
+        "batch_size": 2,
+        "autocast": False,
+        "amp_dtype": torch.bfloat16,
+    },
+    descriptors.CVNetLocalExtractor: lambda tmp: {
+        "backbone": CVNetBackbone(global_dim=16),
+        "detector": descriptors.SpatialAttention2d(1024),
+        "topk": 20,
+        "scales": (1.0,),
+    },
+    descriptors.DINOv2LocalExtractor: lambda tmp: {"backbone": tiny_vit(), "topk": 12, "scales": (1.0, 0.5)},
+    descriptors.SpatialAttention2d: lambda tmp: {"channels": 8},
+}
+
+
+def ranked(num_queries: int, depth: int) -> tuple[Tensor, Tensor]:
+    """(scores, indices) of a shortlist: descending scores, distinct ids."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(num_queries, depth, generator=g).sort(1, True).values
+    return scores, torch.stack([torch.randperm(depth, generator=g) for _ in range(num_queries)])
+
+
+def sweep() -> reranking.RevisitedReranking:
+    """The revisited sweep over 2 values of k, on a table of raw scores."""
+    scores, indices = ranked(2, 6)
+    gnd = [{"easy": [0, 1], "hard": [2], "junk": [3]}, {"easy": [4], "hard": [5], "junk": []}]
+    table = reranking.TableScorer(torch.randn(2, 6, generator=torch.Generator().manual_seed(2)))
+    return reranking.rerank_revisited(
+        table, reranking.Shortlist(scores, indices), gnd, top_k=(2, 3), lamb=(0.25,), temp=(2.0,)
+    )
+
+
+def shortlist_with_a_missing_entry() -> tuple[reranking.Shortlist, dict[str, str]]:
+    scores, indices = ranked(3, 4)
+    indices[1, 3] = reranking.MISSING
+    return reranking.Shortlist(scores, indices), {"queries": "3", "depth": "4", "missing": "1"}
+
+
+def database_cache(tmp: Path, binarized: bool) -> tuple[reranking.DatabaseCache, dict[str, str]]:
+    cache = reranking.DatabaseCache.build(tiny_ames(binarized=binarized), local_descriptors(4, 6))
+    # 6 tokens of 16 float16 numbers, or 6 codes of 16 bits
+    per_image = 6 * 16 // 8 if binarized else 6 * 16 * 2
+    shown = {
+        "images": "4",
+        "descriptors": "6",
+        "binarized": repr(binarized),
+        "bytes_per_image": str(per_image),
+    }
+    return cache, shown
+
+
+def best_combination(tmp: Path) -> tuple[reranking.Combination, dict[str, str]]:
+    best = sweep().best
+    maps = {"medium_map": repr(best.medium.medium.map), "hard_map": repr(best.hard.hard.map)}
+    return best, {"k": repr(best.k), "lamb": "0.25", "temp": "2.0", **maps}
+
+
+def sweep_result(tmp: Path) -> tuple[reranking.RevisitedReranking, dict[str, str]]:
+    result = sweep()
+    return result, {"combinations": "2", "best": repr(result.best), "missing": "0"}
+
+
+def descriptor_store(tmp: Path) -> tuple[descriptors.DescriptorStore, dict[str, str]]:
+    path = tmp / "local.h5"
+    descriptors.DescriptorStore.create(path, 3, 4, 8).close()
+    store = descriptors.DescriptorStore(path)
+    return store, {"path": repr(str(path)), "mode": "'r'", "images": "3", "topk": "4", "dim": "8"}
+
+
+def code_store(tmp: Path) -> tuple[descriptors.BinaryCodeStore, dict[str, str]]:
+    path = tmp / "codes.h5"
+    store = descriptors.BinaryCodeStore.create(path, 3, 5, bits=16)
+    return store, {"path": repr(str(path)), "mode": "'r+'", "images": "3", "descriptors": "5", "bits": "16"}
+
+
+def scale_features(tmp: Path) -> tuple[descriptors.ScaleFeatures, dict[str, str]]:
+    features = descriptors.ScaleFeatures(torch.randn(6, 8), torch.rand(6), torch.rand(6, 2).double())
+    return features, {
+        "descriptors": "Tensor(shape=(6, 8), dtype=float32)",
+        "weights": "Tensor(shape=(6,), dtype=float32)",
+        "locations": "Tensor(shape=(6, 2), dtype=float64)",
+    }
+
+
+#: Every exported class of objretrieval.reranking and objretrieval.descriptors that holds data, with a builder
+#: of one (given a temporary folder) and the ``name=value`` texts its summary must show.
+SUMMARISED: dict[type, Callable[[Path], tuple[Any, dict[str, str]]]] = {
+    reranking.Combination: best_combination,
+    reranking.DatabaseCache: lambda tmp: database_cache(tmp, binarized=False),
+    reranking.RevisitedReranking: sweep_result,
+    reranking.Shortlist: lambda tmp: shortlist_with_a_missing_entry(),
+    reranking.TableScorer: lambda tmp: (
+        reranking.TableScorer(torch.zeros(3, 7, dtype=torch.float16)),
+        {"scores": "Tensor(shape=(3, 7), dtype=float16)"},
+    ),
+    descriptors.BinaryCodeStore: code_store,
+    descriptors.DescriptorStore: descriptor_store,
+    descriptors.ScaleFeatures: scale_features,
+}
+
+
+def printing_classes(module: Any) -> set[type]:
+    """A module's exported classes, less the protocols (no instances) and NamedTuples (which print their
+    fields themselves)."""
+    return {
+        cls
+        for cls in exported(module, object)
+        if not getattr(cls, "_is_protocol", False) and not issubclass(cls, tuple)
+    }
+
+
+def assert_summarised(text: str) -> None:
+    """No default object repr and no tensor or array contents."""
+    assert "object at 0x" not in text and "tensor(" not in text and "array(" not in text, text
+    assert "[[" not in text, text
+
+
+def test_the_reranking_and_descriptor_tables_list_every_exported_class() -> None:
+    every = printing_classes(reranking) | printing_classes(descriptors)
+    assert set(CONFIGURED_PARTS) | set(SUMMARISED) == every
+    assert not set(CONFIGURED_PARTS) & set(SUMMARISED)
+
+
+@pytest.mark.parametrize("cls", CONFIGURED_PARTS, ids=[c.__name__ for c in CONFIGURED_PARTS])
+def test_rerankers_and_extractors_print_their_configuration(cls: type, tmp_path: Path) -> None:
+    arguments = CONFIGURED_PARTS[cls](tmp_path)
+    obj = cls(**arguments)
+    check_configuration(obj, arguments)
+    assert_summarised(own_text(obj))
+
+
+@pytest.mark.parametrize("cls", SUMMARISED, ids=[c.__name__ for c in SUMMARISED])
+def test_objects_holding_data_print_a_summary(cls: type, tmp_path: Path) -> None:
+    obj, shown = SUMMARISED[cls](tmp_path)
+    assert type(obj) is cls
+    text = repr(obj)
+    if isinstance(obj, (descriptors.DescriptorStore, descriptors.BinaryCodeStore)):
+        obj.close()
+    assert text.startswith(f"{cls.__name__}(") and text.endswith(")")
+    for name, value in shown.items():
+        assert has(text, name, value), (name, value, text)
+    assert_summarised(text)
+
+
+def test_a_binarized_cache_and_a_closed_store_say_so(tmp_path: Path) -> None:
+    cache, shown = database_cache(tmp_path, binarized=True)
+    assert all(has(repr(cache), name, value) for name, value in shown.items()), repr(cache)
+    store, _ = descriptor_store(tmp_path)
+    store.close()  # its datasets can no longer be read: the summary says so instead of failing
+    assert repr(store) == f"DescriptorStore(path={str(tmp_path / 'local.h5')!r}, closed=True)"
+
+
+def test_ames_and_its_layers_print_their_configuration() -> None:
+    arguments = {
+        "local_dim": 16,
+        "model_dim": 16,
+        "nhead": 4,
+        "num_encoder_layers": 2,
+        "dim_feedforward": 32,
+        "activation": "gelu",
+        "normalize_before": True,
+        "binarized": True,
+    }
+    model = AMES(**arguments)
+    check_configuration(model, arguments)
+    layer = {key: arguments[key] for key in ("nhead", "dim_feedforward", "activation", "normalize_before")}
+    check_configuration(model.decoder.layers[1], {"d_model": 16, **layer})
+    check_configuration(model.decoder, {"num_layers": 2, "final_norm": True})
+    assert not has(own_text(model.decoder), "layer_args")  # each layer shows its own
+    check_configuration(BinarizationLayer(16, 8, sigma=0.5), {"dims": 16, "bits": 8, "sigma": 0.5})
+    text = repr(model)
+    assert "(0): BinarizationLayer(dims=16, bits=16, sigma=1e-06)" in text
+    assert "num_layers=2, final_norm=True" in text
+    # torch prints identical layers once, "(0-1): 2 x AMESLayer(", each of them with its configuration
+    assert "(0-1): 2 x AMESLayer(\n        d_model=16, nhead=4, dim_feedforward=32, activation='gelu'" in text
+
+
+def test_results_print_per_query_values_and_tokens_as_shapes() -> None:
+    x = torch.randn(24, 6, generator=torch.Generator().manual_seed(0))
+    result = RetrievalEvaluator(("precision@1", "map@r"), return_per_query=True)(x, torch.arange(24) % 5)
+    text = repr(result)
+    metrics = ", ".join(f"{name!r}: {value!r}" for name, value in result.metrics.items())
+    assert f"metrics={{{metrics}}}" in text
+    shapes = "'precision@1': Tensor(shape=(24,), dtype=float64), 'map@r': Tensor(shape=(24,), dtype=float64)"
+    assert f"per_query={{{shapes}}}" in text and "num_queries=24" in text
+    assert_summarised(text)
+    projected = tiny_ames().project_query(*local_descriptors(2, 5))
+    assert repr(projected) == (
+        "ProjectedDescriptors(tokens=Tensor(shape=(2, 5, 16), dtype=float32), "
+        "keep=Tensor(shape=(2, 5), dtype=bool))"
+    )
+
+
+def test_summary_value_shows_shapes_numbers_and_short_sequences() -> None:
+    class Pair(NamedTuple):
+        a: int
+        b: int
+
+    assert summary_value(torch.tensor(0.5)) == "0.5"  # a 0-d tensor is a number
+    assert summary_value(np.zeros((2, 3), dtype=np.int64)) == "ndarray(shape=(2, 3), dtype=int64)"
+    assert summary_value(torch.empty(0)) == "Tensor(shape=(0,), dtype=float32)"
+    assert summary_value(np.float64(0.25)) == "0.25"
+    assert summary_value((torch.ones(2),)) == "(Tensor(shape=(2,), dtype=float32),)"
+    assert summary_value(list(range(20))) == "list(len=20)"
+    assert summary_value({"a": [1, 2]}) == "{'a': [1, 2]}"
+    assert summary_value(Pair(1, 2)) == "Pair(a=1, b=2)"
+
+
+def test_the_summary_mixin_reads_a_dataclass_and_leaves_out_hidden_fields() -> None:
+    @dataclasses.dataclass(repr=False)
+    class Held(SummaryRepr):
+        values: Tensor
+        name: str = "x"
+        cache: Any = dataclasses.field(default=None, repr=False)
+
+    assert (
+        repr(Held(torch.zeros(4, 2), cache=1)) == "Held(values=Tensor(shape=(4, 2), dtype=float32), name='x')"
+    )
+
+
 # --------------------------------------------------------------------------------- HTML tables
 
 
@@ -341,6 +616,22 @@ def test_revisited_and_gldv2_html_contain_their_values() -> None:
     assert gldv2.public is not None and gldv2.private is not None
     for value in (gldv2.map, gldv2.public, gldv2.private, *gldv2.ap.tolist()):
         assert f"{value:.4f}" in parser.cells
+
+
+def test_revisited_and_gldv2_reprs_show_means_not_per_query_tensors() -> None:
+    ranking = torch.stack([torch.randperm(12, generator=torch.Generator().manual_seed(q)) for q in range(3)])
+    gnd = [{"easy": [0, 1], "hard": [2], "junk": [3]}, {"easy": [4], "hard": [6], "junk": []}]
+    revisited = revisited_map(ranking[:2], gnd, kappas=(1, 5))
+    text = repr(revisited)
+    assert text.startswith("RevisitedResult(easy=ProtocolResult(map=")
+    for protocol in (revisited.easy, revisited.medium, revisited.hard):
+        assert f"map={protocol.map!r}, mean_precision={protocol.mean_precision.tolist()!r}" in text
+    assert "kappas=(1, 5), queries=2" in text and "tensor(" not in text
+    gldv2 = gldv2_map(ranking, [[0, 1], [4], [5, 6]], depth=10, num_private=1)
+    assert repr(gldv2) == (
+        f"GLDv2Result(map={gldv2.map!r}, ap=Tensor(shape=(3,), dtype={str(gldv2.ap.dtype)[6:]}), "
+        f"public={gldv2.public!r}, private={gldv2.private!r})"
+    )
 
 
 def test_neighbors_html_is_truncated_with_a_note() -> None:

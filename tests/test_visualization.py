@@ -160,8 +160,11 @@ def test_draw_reranking_shows_both_orders_with_relevance(tmp_path: Path) -> None
     gallery = _flat_images(6)
     before, after = [4, 1, 3, 0], [1, 3, 4, 0]
     path = tmp_path / "rerank.png"
-    fig = draw_reranking(gallery[5, 0], gallery, before, after, relevant=[1, 3], k=3, path=path)
+    fig = draw_reranking(
+        gallery[5, 0], gallery, before, after, relevant=[1, 3], k=3, title="one query", path=path
+    )
     assert _saved(path)
+    assert fig.get_suptitle() == "one query"
     axes = np.array(fig.axes).reshape(2, 4)
     assert [ax.get_ylabel() for ax in axes[:, 0]] == ["global", "reranked"]
     for row, ranking in enumerate((before, after)):
@@ -200,9 +203,16 @@ def test_plot_set_embedding_from_steps(tmp_path: Path) -> None:
     assert _saved(path)
     assert len(fig.axes) == 1 + 3  # the curve, then a thumbnail per image
     np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), [0, 2**-0.5, 1], atol=1e-6)
-    fig = plot_set_embedding(steps=steps, reference=torch.tensor([1.0, 0.0]))
+    assert fig.axes[0].get_legend().get_texts()[0].get_text() == "final embedding"
+    references = {"x axis": torch.tensor([1.0, 0.0]), "minus y": np.array([0.0, -3.0])}
+    fig = plot_set_embedding(steps=steps, references=references, title="two references")
     assert len(fig.axes) == 1
-    np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), [1, 2**-0.5, 0], atol=1e-6)
+    ax = fig.axes[0]
+    assert ax.get_title() == "two references"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["x axis", "minus y"]
+    # cos(steps[t], reference) by hand: steps are (1, 0), (1, 1) / sqrt 2, (0, 1) in direction
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [1, 2**-0.5, 0], atol=1e-6)
+    np.testing.assert_allclose(ax.get_lines()[1].get_ydata(), [0, -(2**-0.5), -1], atol=1e-6)
 
 
 def test_plot_set_embedding_builds_mile_embeddings_image_by_image() -> None:
@@ -226,8 +236,13 @@ def test_plot_set_embedding_rejects_bad_input() -> None:
         plot_set_embedding(model=object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"steps must be \(N, D\)"):
         plot_set_embedding(steps=steps[0])
-    with pytest.raises(ValueError, match=r"reference must be \(4,\)"):
-        plot_set_embedding(steps=steps, reference=torch.randn(3))
+    with pytest.raises(ValueError, match=r"references\['b'\] must be \(4,\), got shape \(3,\)"):
+        plot_set_embedding(steps=steps, references={"a": torch.randn(4), "b": torch.randn(3)})
+    with pytest.raises(ValueError, match=r"references\['a'\] contains NaN or inf values \(first at row 2\)"):
+        plot_set_embedding(steps=steps, references={"a": torch.tensor([0.0, 1.0, float("nan"), 0.0])})
+    for bad in ({}, torch.randn(4)):
+        with pytest.raises(ValueError, match="references must be a non-empty mapping"):
+            plot_set_embedding(steps=steps, references=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="images has 2 images but steps has 3 rows"):
         plot_set_embedding(torch.rand(2, 3, 6, 6), steps=steps)
     with pytest.raises(ValueError, match=r"steps contains NaN or inf values \(first at row 1\)"):

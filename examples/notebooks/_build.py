@@ -254,6 +254,29 @@ global_alone = next(c for c in result.combinations if c.lamb == 1.0)
 assert abs(global_alone.medium_map - baseline.medium.map) < 1e-9
 assert abs(global_alone.hard_map - baseline.hard.map) < 1e-9
 """),
+    md("""
+## Query 0 before and after, drawn
+`draw_reranking` shows the global order (top) and the order by AMES alone (`lamb` = 0, bottom) of the Medium
+run, where the query's junk views were moved out of the shortlist first; its landmark's easy and hard views
+are framed green. With random weights the new order is no better; the AMES page of the docs (`docs/ames.md`)
+shows a trained model reranking.
+"""),
+    code("""
+from objretrieval.reranking import Shortlist
+from objretrieval.visualization import draw_reranking
+
+medium_shortlist = Shortlist.of(shortlist).move_to_end([ids["junk"] for ids in gnd])
+ames_alone = next(c for c in result.combinations if c.lamb == 0.0)
+fig = draw_reranking(
+    queries[0],
+    torch.stack(database),
+    medium_shortlist.indices[0],
+    ames_alone.rankings["medium"][0],
+    relevant=gnd[0]["easy"] + gnd[0]["hard"],
+    k=8,
+)
+assert sorted(ames_alone.rankings["medium"][0, :8].tolist()) == sorted(medium_shortlist.indices[0, :8].tolist())
+"""),
 ]
 
 NOTEBOOKS["mile_sets"] = [

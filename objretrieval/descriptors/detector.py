@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from objretrieval.display import ConfigRepr
 from objretrieval.models.checkpoint import load_state_dict_into, read_checkpoint, unwrap_state_dict
 
 
-class SpatialAttention2d(nn.Module):
+class SpatialAttention2d(ConfigRepr, nn.Module):
     """``h = BN(conv1x1(x))``; descriptors ``normalize(h)``; weights ``softplus(conv1x1(relu(h)))``.
 
     Parameter names follow the official module (``conv1``, ``bn``, ``conv2``).
@@ -17,6 +20,8 @@ class SpatialAttention2d(nn.Module):
     Args:
         channels: feature channels C.
     """
+
+    config_attributes: ClassVar[dict[str, str | None]] = {"channels": "conv1.in_channels"}
 
     def __init__(self, channels: int) -> None:
         super().__init__()

@@ -26,6 +26,7 @@ from objretrieval.descriptors.local import (
     receptive_field_centres,
     select_top,
 )
+from objretrieval.display import ConfigRepr
 from objretrieval.models.cvnet import CVNetBackbone
 
 
@@ -77,7 +78,7 @@ def _normalise(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
     return (image - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
-class DINOv2LocalExtractor(nn.Module):
+class DINOv2LocalExtractor(ConfigRepr, nn.Module):
     """AMES's DINOv2 extraction: final-norm patch tokens of a ViT with registers, at native resolution.
 
     Each image side is resized to the nearest multiple of the patch size (after ``scale``), patch tokens
@@ -103,6 +104,7 @@ class DINOv2LocalExtractor(nn.Module):
         scales: Sequence[float] = (1.0,),
     ) -> None:
         super().__init__()
+        self.pretrained = pretrained
         if isinstance(backbone, str):
             import timm
 
@@ -147,7 +149,7 @@ class DINOv2LocalExtractor(nn.Module):
         return Extracted(select_top(scales, self.topk), global_descriptor(scales), cls)
 
 
-class CVNetLocalExtractor(nn.Module):
+class CVNetLocalExtractor(ConfigRepr, nn.Module):
     """AMES's CVNet extraction: res4 maps at three scales, joint top-k, receptive-field centres.
 
     Images are fed in BGR order with BGR ImageNet statistics (the pycls convention CVNet was trained with).

@@ -15,13 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from objretrieval.display import SummaryRepr
+
 #: Columns before the descriptor: location (2), scale index, padding flag, weight.
 HEADER = 5
 LOCATION, SCALE, PAD, WEIGHT = slice(0, 2), 2, 3, 4
 
 
-@dataclass(frozen=True)
-class ScaleFeatures:
+@dataclass(frozen=True, repr=False)
+class ScaleFeatures(SummaryRepr):
     """The local features of one image at one scale.
 
     Attributes:

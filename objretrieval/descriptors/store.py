@@ -23,6 +23,7 @@ from torch import Tensor
 
 from objretrieval._validation import check_positive_int
 from objretrieval.descriptors.local import HEADER, split_rows
+from objretrieval.display import SummaryRepr
 
 PathLike = str | os.PathLike[str]
 
@@ -63,7 +64,7 @@ def _check_range(start: int, count: int, size: int) -> None:
 _Store = TypeVar("_Store", bound="_H5Store")
 
 
-class _H5Store:
+class _H5Store(SummaryRepr):
     """An open h5py file that must hold the named datasets; a context manager that closes it."""
 
     def __init__(self, path: PathLike | h5py.File, mode: str, datasets: tuple[str, ...], layout: str) -> None:
@@ -76,6 +77,16 @@ class _H5Store:
 
     def close(self) -> None:
         self.file.close()
+
+    def summary_fields(self) -> dict[str, Any]:
+        """What the repr shows: the path, the open mode and the layout; a closed file only its path."""
+        if not self.file:  # closed: its datasets can no longer be read
+            return {"path": self.path, "closed": True}
+        return {"path": self.path, "mode": self.file.mode, **self._sizes()}
+
+    def _sizes(self) -> dict[str, int]:
+        """The sizes of the file's datasets."""
+        raise NotImplementedError
 
     def __enter__(self: _Store) -> _Store:
         return self
@@ -197,6 +208,10 @@ class DescriptorStore(_H5Store):
     def __len__(self) -> int:
         return int(self.features.shape[0])
 
+    def _sizes(self) -> dict[str, int]:
+        """``images``, ``topk`` rows each and descriptor ``dim``."""
+        return {"images": len(self), "topk": self.topk, "dim": self.dim}
+
     @property
     def topk(self) -> int:
         return int(self.features.shape[1])
@@ -293,6 +308,14 @@ class BinaryCodeStore(_H5Store):
 
     def __len__(self) -> int:
         return int(self.codes.shape[0])
+
+    def _sizes(self) -> dict[str, int]:
+        """``images``, ``descriptors`` each and ``bits`` per descriptor."""
+        return {
+            "images": len(self),
+            "descriptors": int(self.codes.shape[1]),
+            "bits": 8 * int(self.codes.shape[2]),
+        }
 
     def write(self, start: int, codes: Tensor, padding: Tensor) -> None:
         """Write (n, T, bits / 8) uint8 codes and their (n, T) padding mask from image ``start`` on."""

@@ -19,7 +19,7 @@ from objretrieval._validation import (
     check_ranking,
     to_tensor,
 )
-from objretrieval.display import ConfigRepr, retrieval_result_html
+from objretrieval.display import ConfigRepr, SummaryRepr, retrieval_result_html
 from objretrieval.distributed.world import Group
 from objretrieval.metrics.clustering import kmeans
 from objretrieval.metrics.ranks import (
@@ -44,8 +44,8 @@ from objretrieval.search.sources import BlockSource, GalleryLike
 Average = Literal["query", "class"]
 
 
-@dataclass(frozen=True)
-class RetrievalResult:
+@dataclass(frozen=True, repr=False)  # per-query tensors print as their shapes (SummaryRepr)
+class RetrievalResult(SummaryRepr):
     """Metric values (fractions in [0, 1]) and, on request, the per-query values behind them.
 
     Attributes:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from objretrieval._validation import check_choice, check_positive_int, check_ranking
-from objretrieval.display import gldv2_result_html, revisited_result_html
+from objretrieval.display import SummaryRepr, gldv2_result_html, revisited_result_html
 from objretrieval.metrics.ranks import RelevantRanks, left_align
 from objretrieval.metrics.retrieval import average_precision, trapezoidal_average_precision
 
@@ -30,8 +30,8 @@ PROTOCOLS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-@dataclass(frozen=True)
-class ProtocolResult:
+@dataclass(frozen=True, repr=False)
+class ProtocolResult(SummaryRepr):
     """mAP and mean precision@k over the queries that have relevant items (fractions, not percent).
 
     Attributes:
@@ -48,9 +48,18 @@ class ProtocolResult:
     precision: Tensor
     kappas: tuple[int, ...]
 
+    def summary_fields(self) -> dict[str, Any]:
+        """The means (a few numbers) in full, the per-query values as a count."""
+        return {
+            "map": self.map,
+            "mean_precision": self.mean_precision.tolist(),
+            "kappas": self.kappas,
+            "queries": self.ap.shape[0],
+        }
 
-@dataclass(frozen=True)
-class RevisitedResult:
+
+@dataclass(frozen=True, repr=False)
+class RevisitedResult(SummaryRepr):
     """Results of the Easy, Medium and Hard protocols of revisited Oxford/Paris."""
 
     easy: ProtocolResult
@@ -70,8 +79,8 @@ class RevisitedResult:
         return revisited_result_html(self)
 
 
-@dataclass(frozen=True)
-class GLDv2Result:
+@dataclass(frozen=True, repr=False)
+class GLDv2Result(SummaryRepr):
     """GLDv2 mAP@depth; ``public``/``private`` when the split was given."""
 
     map: float

@@ -27,14 +27,14 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from objretrieval._validation import check_choice, check_finite_values, check_not_all_padded
-from objretrieval.display import ConfigRepr
+from objretrieval.display import ConfigRepr, SummaryRepr
 from objretrieval.kernels.dispatch import measured_faster
 from objretrieval.models.binary import pack_bits, signs_from_bits
 from objretrieval.models.registry import CheckpointFormat, PretrainedCfg, register_model
@@ -60,7 +60,7 @@ AMES_FUSION: dict[str, tuple[float, float]] = {
 }
 
 
-class BinarizationLayer(nn.Module):
+class BinarizationLayer(ConfigRepr, nn.Module):
     """``sign(normalize(x) @ W)`` with a trainable projection W (Dl, bits); ``erf`` relaxation in training.
 
     The official model initialises W from an ITQ rotation file; here W starts as a random orthonormal
@@ -74,7 +74,7 @@ class BinarizationLayer(nn.Module):
 
     def __init__(self, dims: int, bits: int, sigma: float = 1e-6) -> None:
         super().__init__()
-        self.sigma = sigma
+        self.dims, self.bits, self.sigma = dims, bits, sigma
         self.W = nn.Parameter(torch.empty(dims, bits))
         nn.init.orthogonal_(self.W)
 
@@ -231,8 +231,14 @@ class _Heads:
         return _tokens_seen(self.k, group, self.split, 2), _tokens_seen(self.v, group, self.split, 2)
 
 
-class AMESLayer(nn.Module):
+class AMESLayer(ConfigRepr, nn.Module):
     """One AMES layer: self-attention within each image, cross-attention between them, feed-forward."""
+
+    config_attributes: ClassVar[dict[str, str | None]] = {
+        "d_model": "linear1.in_features",
+        "nhead": "self_attn.num_heads",
+        "dim_feedforward": "linear1.out_features",
+    }
 
     def __init__(
         self, d_model: int, nhead: int, dim_feedforward: int, activation: Activation, normalize_before: bool
@@ -246,7 +252,8 @@ class AMESLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
         activations: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu}
-        self.activation = activations[activation]
+        self.activation = activation
+        self._activation = activations[activation]
         self.normalize_before = normalize_before
 
     def _block_attention(
@@ -290,21 +297,24 @@ class AMESLayer(nn.Module):
 
     def _ff(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled():
-            return self.linear2(self.activation(self.linear1(x)))
+            return self.linear2(self._activation(self.linear1(x)))
         # Inference: in chunks of tokens, so the (tokens, dim_feedforward) activation stays small and its
         # memory is reused (allocating it whole for a batch of pairs makes the FFN page-fault bound).
         flat = x.reshape(-1, x.shape[-1])
         out = torch.empty_like(flat)
         for i in range(0, flat.shape[0], _FF_CHUNK):
-            out[i : i + _FF_CHUNK] = self.linear2(self.activation(self.linear1(flat[i : i + _FF_CHUNK])))
+            out[i : i + _FF_CHUNK] = self.linear2(self._activation(self.linear1(flat[i : i + _FF_CHUNK])))
         return out.view_as(x)
 
 
-class AMESDecoder(nn.Module):
+class AMESDecoder(ConfigRepr, nn.Module):
     """The stack of :class:`AMESLayer` (and a final LayerNorm in the pre-norm variant)."""
+
+    config_attributes: ClassVar[dict[str, str | None]] = {"layer_args": None}  # each layer shows its own
 
     def __init__(self, layer_args: dict[str, Any], num_layers: int, final_norm: bool) -> None:
         super().__init__()
+        self.num_layers, self.final_norm = num_layers, final_norm
         self.layers = nn.ModuleList([AMESLayer(**layer_args) for _ in range(num_layers)])
         self.norm = nn.LayerNorm(layer_args["d_model"]) if final_norm else None
 
@@ -314,8 +324,8 @@ class AMESDecoder(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
 
-@dataclass(frozen=True)
-class ProjectedDescriptors:
+@dataclass(frozen=True, repr=False)
+class ProjectedDescriptors(SummaryRepr):
     """Local descriptors projected to the model dimension: what AMES consumes, and what a database caches.
 
     Attributes:
@@ -375,6 +385,8 @@ class AMES(ConfigRepr, nn.Module):
         if model_dim % nhead:
             raise ValueError(f"model_dim ({model_dim}) must be divisible by nhead ({nhead})")
         self.local_dim, self.model_dim, self.binarized = local_dim, model_dim, binarized
+        self.nhead, self.num_encoder_layers, self.dim_feedforward = nhead, num_encoder_layers, dim_feedforward
+        self.activation, self.normalize_before = activation, normalize_before
         self.fusion = (float(fusion[0]), float(fusion[1]))
         self.mtc_token = nn.Parameter(torch.empty(model_dim))
         if binarized:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from objretrieval._validation import (
     check_positive_int,
 )
 from objretrieval.descriptors.store import BinaryCodeStore, DescriptorStore, PathLike
+from objretrieval.display import ConfigRepr, SummaryRepr
 from objretrieval.models.ames import AMES, ProjectedDescriptors
 from objretrieval.progress import show_progress
 from objretrieval.search.pairwise import check_pairs
@@ -135,8 +136,8 @@ def _check_matches(model: AMES, source: _Source, what: str) -> None:
         )
 
 
-@dataclass(frozen=True)
-class DatabaseCache:
+@dataclass(frozen=True, repr=False)
+class DatabaseCache(SummaryRepr):
     """Every database image projected once for AMES: float16 tokens, or packed codes for binarized models.
 
     Attributes:
@@ -227,6 +228,15 @@ class DatabaseCache:
     def __len__(self) -> int:
         return self.keep.shape[0]
 
+    def summary_fields(self) -> dict[str, Any]:
+        """What the repr shows: ``DatabaseCache(images=5000, descriptors=50, binarized=True, bytes_per_image=800)``."""
+        return {
+            "images": len(self),
+            "descriptors": self.keep.shape[1],
+            "binarized": self.codes is not None,
+            "bytes_per_image": self.bytes_per_image,
+        }
+
     @property
     def bytes_per_image(self) -> int:
         """Bytes of one image's tokens or codes (the padding mask aside)."""
@@ -235,7 +245,7 @@ class DatabaseCache:
         return int(data[0].numel() * data.element_size())
 
 
-class AMESScorer:
+class AMESScorer(ConfigRepr):
     """Scores queries against database images with AMES: a :class:`~objretrieval.search.PairwiseScorer`.
 
     Use it with :func:`rerank_revisited`, :func:`score_shortlist`, :func:`~objretrieval.search.pairwise_knn` or
@@ -266,6 +276,9 @@ class AMESScorer:
             full-precision cache for a binarized one), and, as images are read, on NaN/inf descriptors or an
             image that is all padding (naming it).
     """
+
+    #: the images are data, not configuration
+    config_attributes: ClassVar[dict[str, str | None]] = {"queries": None, "database": None}
 
     def __init__(
         self,

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
+from objretrieval.display import SummaryRepr
 from objretrieval.distributed.world import Group
 from objretrieval.metrics.revisited import RevisitedResult, revisited_map
 from objretrieval.reranking.shortlist import MISSING, Shortlist, ShortlistLike, rerank, score_shortlist
 from objretrieval.search.pairwise import PairwiseScorer
 
 
-@dataclass(frozen=True)
-class Combination:
+@dataclass(frozen=True, repr=False)
+class Combination(SummaryRepr):
     """One (k, lamb, temp) setting of the revisited reranking sweep.
 
     Attributes:
@@ -32,7 +34,17 @@ class Combination:
     temp: float
     medium: RevisitedResult
     hard: RevisitedResult
-    rankings: Mapping[str, Tensor] = field(repr=False)
+    rankings: Mapping[str, Tensor]
+
+    def summary_fields(self) -> dict[str, Any]:
+        """What the repr shows: ``Combination(k=100, lamb=0.55, temp=0.3, medium_map=0.81, hard_map=0.62)``."""
+        return {
+            "k": self.k,
+            "lamb": self.lamb,
+            "temp": self.temp,
+            "medium_map": self.medium_map,
+            "hard_map": self.hard_map,
+        }
 
     @property
     def medium_map(self) -> float:
@@ -48,8 +60,8 @@ class Combination:
         return (self.medium_map + self.hard_map) / 2
 
 
-@dataclass(frozen=True)
-class RevisitedReranking:
+@dataclass(frozen=True, repr=False)
+class RevisitedReranking(SummaryRepr):
     """Results of :func:`rerank_revisited`: every combination, the best one, and the raw scores per run.
 
     Attributes:
@@ -59,8 +71,13 @@ class RevisitedReranking:
     """
 
     combinations: list[Combination]
-    raw: Mapping[str, Tensor] = field(repr=False)
+    raw: Mapping[str, Tensor]
     missing: int = 0
+
+    def summary_fields(self) -> dict[str, Any]:
+        """What the repr shows: how many combinations, the best one, the missing entries."""
+        best = self.best if self.combinations else None
+        return {"combinations": len(self.combinations), "best": best, "missing": self.missing}
 
     @property
     def best(self) -> Combination:

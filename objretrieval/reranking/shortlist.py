@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from objretrieval._validation import check_finite_values, check_number, check_positive_int, to_tensor
+from objretrieval.display import SummaryRepr
 from objretrieval.distributed.world import Group
 from objretrieval.search.pairwise import PairwiseScorer, check_pairs, score_candidates
 
@@ -34,8 +35,8 @@ class NeighborsLike(Protocol):
     def indices(self) -> Tensor: ...
 
 
-@dataclass(frozen=True)
-class Shortlist:
+@dataclass(frozen=True, repr=False)
+class Shortlist(SummaryRepr):
     """The global kNN shortlist of each query, best first.
 
     ``Shortlist(*knn(...))`` or ``Shortlist.of(knn(...))`` builds one from a search's ``Neighbors``; every
@@ -111,6 +112,11 @@ class Shortlist:
         if t.ndim != 3 or t.shape[0] != 2:
             raise ValueError(f"cache_nn must be (2, num_queries, K), got {tuple(t.shape)}")
         return cls(t[0].float(), t[1].round().long())
+
+    def summary_fields(self) -> dict[str, Any]:
+        """What the repr shows: ``Shortlist(queries=70, depth=100, missing=0)``."""
+        num_queries, depth = self.indices.shape
+        return {"queries": num_queries, "depth": depth, "missing": self.num_missing}
 
     @property
     def missing(self) -> Tensor:
@@ -243,7 +249,7 @@ def rerank(shortlist: ShortlistLike, raw: Tensor, k: int, lamb: float, temp: flo
     return ranking
 
 
-class TableScorer:
+class TableScorer(SummaryRepr):
     """A :class:`~objretrieval.search.PairwiseScorer` reading a precomputed (Q, N) table of pairwise scores."""
 
     def __init__(self, scores: Any) -> None:
@@ -254,6 +260,10 @@ class TableScorer:
             )
         self.table = table
         self.device = table.device
+
+    def summary_fields(self) -> dict[str, Any]:
+        """What the repr shows: ``TableScorer(scores=Tensor(shape=(70, 5000), dtype=float32))``."""
+        return {"scores": self.table}
 
     @property
     def num_queries(self) -> int:
