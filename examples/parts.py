@@ -70,10 +70,11 @@ def part_images(
         noise: standard deviation of the Gaussian noise added to each descriptor.
     """
     visible = rows // 2 if visible is None else visible
+    if not 1 <= visible <= min(parts, rows):
+        raise ValueError(f"visible must be in [1, min(parts, rows) = {min(parts, rows)}], got {visible}")
     part_vectors = F.normalize(torch.randn(objects, parts, dim, generator=generator), dim=-1)
     if isinstance(clutter, int):
         clutter = F.normalize(torch.randn(clutter, dim, generator=generator), dim=-1)
-    clutter_vectors = clutter
     labels = np.repeat(np.arange(objects), images_per_object)
     descriptors, tokens = (
         torch.empty(len(labels), rows, dim),
@@ -81,8 +82,8 @@ def part_images(
     )
     for i, label in enumerate(labels):
         shown = torch.randperm(parts, generator=generator)[:visible]
-        background = torch.randint(0, len(clutter_vectors), (rows - visible,), generator=generator)
-        vectors = torch.cat([part_vectors[label, shown], clutter_vectors[background]])
+        background = torch.randint(0, len(clutter), (rows - visible,), generator=generator)
+        vectors = torch.cat([part_vectors[label, shown], clutter[background]])
         vectors = vectors + noise * torch.randn(rows, dim, generator=generator)
         order = vectors.norm(dim=1).argsort(descending=True)
         descriptors[i] = vectors[order]

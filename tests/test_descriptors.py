@@ -5,7 +5,6 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +22,7 @@ from objretrieval.descriptors import (
     unpack_bits,
 )
 from objretrieval.models import CVNetBackbone
+from tests.tiny_models import tiny_dinov2_vit
 
 # -- binary codes ---------------------------------------------------------------------------------------------
 
@@ -172,21 +172,7 @@ def test_resize_uses_area_to_shrink_and_bilinear_to_enlarge() -> None:
 @pytest.fixture(scope="module")
 def tiny_vit() -> torch.nn.Module:
     """A two-block DINOv2-style ViT with registers (random weights), as timm builds it."""
-    torch.manual_seed(0)
-    vit = timm.create_model(
-        "vit_small_patch14_reg4_dinov2",
-        pretrained=False,
-        dynamic_img_size=True,
-        depth=2,
-        embed_dim=48,
-        num_heads=2,
-    )
-    with (
-        torch.no_grad()
-    ):  # a trained final norm: without it every token has norm sqrt(48) and weights all tie
-        vit.norm.weight.uniform_(0.5, 1.5)
-        vit.norm.bias.normal_(std=0.1)
-    return vit.eval()
+    return tiny_dinov2_vit(embed_dim=48, depth=2)
 
 
 def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:

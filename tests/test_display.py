@@ -42,6 +42,7 @@ from objretrieval.search import Neighbors, knn
 from objretrieval.training.mic import InterclassClusters, MICTraining
 from objretrieval.training.mile import MILESelfSupervised
 from objretrieval.training.schedules import DINOSchedules
+from tests.tiny_models import tiny_dinov2_vit
 
 # --------------------------------------------------------------------------------- configuration reprs
 
@@ -309,9 +310,7 @@ def local_descriptors(images: int, descriptors_per_image: int, seed: int = 0) ->
 
 
 def tiny_vit() -> nn.Module:
-    import timm
-
-    return timm.create_model("vit_small_patch14_reg4_dinov2", dynamic_img_size=True, **TINY_VIT)
+    return tiny_dinov2_vit(**TINY_VIT)
 
 
 #: Every exported class of objretrieval.reranking and objretrieval.descriptors that takes configuration, with a

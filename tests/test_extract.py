@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 
 from objretrieval.descriptors import (
@@ -14,6 +13,7 @@ from objretrieval.descriptors import (
     extract_to_store,
 )
 from objretrieval.models import CVNetBackbone
+from tests.tiny_models import tiny_dinov2_vit
 
 
 def _images(sizes: list[tuple[int, int]], seed: int = 0) -> list[torch.Tensor]:
@@ -23,18 +23,7 @@ def _images(sizes: list[tuple[int, int]], seed: int = 0) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def dinov2() -> DINOv2LocalExtractor:
-    torch.manual_seed(0)
-    vit = timm.create_model(
-        "vit_small_patch14_reg4_dinov2",
-        pretrained=False,
-        dynamic_img_size=True,
-        depth=1,
-        embed_dim=32,
-        num_heads=2,
-    )
-    with torch.no_grad():  # a trained final norm: without it every token has the same norm, weights all tie
-        vit.norm.weight.uniform_(0.5, 1.5)
-    return DINOv2LocalExtractor(vit.eval(), topk=12)
+    return DINOv2LocalExtractor(tiny_dinov2_vit(), topk=12)
 
 
 def _assert_matches_per_image_calls(extractor, images, boxes, path, global_descriptors) -> None:
@@ -90,6 +79,8 @@ def test_errors(dinov2, tmp_path) -> None:
         extract_to_store(dinov2, _images([(28, 28), (28, 28)]), path, boxes=[(0, 0, 14, 14)])
     with pytest.raises(TypeError, match="images must be a sequence"):
         extract_to_store(dinov2, (image for image in _images([(28, 28)])), path)
+    with pytest.raises(TypeError, match="boxes must be a sequence"):
+        extract_to_store(dinov2, _images([(28, 28)]), path, boxes=(b for b in [None]))
     with pytest.raises(TypeError, match="progress"):
         extract_to_store(dinov2, _images([(28, 28)]), path, progress="yes")  # type: ignore[arg-type]
     assert not path.exists()  # bad arguments are refused before any file is written

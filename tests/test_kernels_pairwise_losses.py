@@ -529,12 +529,16 @@ def triton_checks() -> None:
         _check_empty(make, kind, torch.float32, backend="triton", tile_size=16)
     for _, make, data in NOT_EMPTY_CASES:
         _check_not_empty(make, data, torch.float32, backend="triton", tile_size=16)
-    print("triton checks passed:", len(TRITON_CASES) + 1)
+    print("triton checks passed:", TRITON_CHECKS)
+
+
+#: what triton_checks runs: the cases, the dtype refusal, the empty and not-empty batches
+TRITON_CHECKS = len(TRITON_CASES) + 1 + len(EMPTY_CASES) + len(NOT_EMPTY_CASES)
 
 
 def test_triton_kernels_under_interpreter() -> None:
     out = run_interpreted("from tests.test_kernels_pairwise_losses import triton_checks; triton_checks()")
-    assert f"triton checks passed: {len(TRITON_CASES) + 1}" in out
+    assert f"triton checks passed: {TRITON_CHECKS}" in out
 
 
 #: (kernel, constexpr values): every branch of both kernels, LOSS 0 contrastive, 1 multi-similarity, 2 SupCon,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import timm
 import torch
 
 from objretrieval import RetrievalEvaluator, knn
@@ -16,6 +16,7 @@ from objretrieval.descriptors import DINOv2LocalExtractor, extract_to_store
 from objretrieval.progress import AUTO_THRESHOLDS, show_progress
 from objretrieval.reranking import Shortlist, rerank_revisited, score_shortlist, score_table
 from objretrieval.search.pairwise import pairwise_knn, score_candidates
+from tests.tiny_models import tiny_dinov2_vit
 
 
 def test_the_rule() -> None:
@@ -47,20 +48,14 @@ _SHORTLIST = Shortlist(_SCORES, _INDICES)
 _GND = [{"easy": [int(row[0])], "hard": [int(row[2])], "junk": [int(row[1])]} for row in _INDICES]
 
 
+@functools.cache
+def _extractor() -> DINOv2LocalExtractor:
+    return DINOv2LocalExtractor(tiny_dinov2_vit(embed_dim=16, num_heads=1), topk=4)
+
+
 def _extract(progress: Any, tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    vit = timm.create_model(
-        "vit_small_patch14_reg4_dinov2",
-        pretrained=False,
-        dynamic_img_size=True,
-        depth=1,
-        embed_dim=16,
-        num_heads=1,
-    )
     images = [torch.rand(3, 28, 28) for _ in range(3)]
-    extract_to_store(
-        DINOv2LocalExtractor(vit.eval(), topk=4), images, tmp_path / "local.h5", progress=progress
-    )
+    extract_to_store(_extractor(), images, tmp_path / "local.h5", progress=progress)
 
 
 CALLS: dict[str, tuple[int, str, str, Callable[[Any, Path], object]]] = {

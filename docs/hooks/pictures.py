@@ -5,12 +5,12 @@ the files land in ``docs/images/generated/`` (git-ignored). ``python docs/hooks/
 
 - ``neighbours.png``, ``recall_at_k.png``: the embedded digits (``examples/digits.py``), raw pixels and an
   untrained CNN.
-- ``ames_reranking.png``: a tiny AMES trained here for a few seconds with pair BCE on images of part-made
+- ``ames_reranking.png``: a tiny AMES trained here (about 130 steps) with pair BCE on images of part-made
   objects (``examples/parts.py``), reranking the global shortlist of a query of *unseen* objects.
-- ``mile_set_embedding.png``: a tiny MILE trained here for a few seconds with a supervised contrastive loss on
+- ``mile_set_embedding.png``: a tiny MILE trained here for 100 steps with a supervised contrastive loss on
   sets of synthetic photographs (``examples/scenes.py``), embedding a set of an unseen object image by image.
 
-Everything is seeded, and runs on at most two threads.
+Everything is seeded, and runs on one thread (faster than two on a loaded machine).
 """
 
 from __future__ import annotations

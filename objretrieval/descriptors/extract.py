@@ -47,10 +47,11 @@ def extract_to_store(
 
     Raises:
         ValueError: no images, or a different number of boxes than images (before any file is written).
-        TypeError: ``images`` is not a sequence, or ``progress`` is not a bool or None.
+        TypeError: ``images`` or ``boxes`` is not a sequence, or ``progress`` is not a bool or None.
     """
-    if isinstance(images, (str, bytes)) or not hasattr(images, "__len__"):
-        raise TypeError(f"images must be a sequence of images, got {type(images).__name__}")
+    for name, value in (("images", images), ("boxes", boxes)):
+        if value is not None and (isinstance(value, (str, bytes)) or not hasattr(value, "__len__")):
+            raise TypeError(f"{name} must be a sequence, got {type(value).__name__}")
     if len(images) == 0:
         raise ValueError("images must hold at least one image, got none")
     if boxes is not None and len(boxes) != len(images):
@@ -58,17 +59,16 @@ def extract_to_store(
             f"boxes must hold one box (or None) per image: {len(boxes)} boxes, {len(images)} images"
         )
     show = show_progress(progress, len(images), "images")
+
+    def extracted(i: int) -> Extracted:
+        return extractor(images[i], box=None if boxes is None else boxes[i])
+
+    first = extracted(0)  # its rows give the file's topk and descriptor dimension
+    topk, width = first.rows.shape
     globals_ = []
-    store: DescriptorStore | None = None
-    try:
-        for i, image in enumerate(tqdm(images, disable=not show, desc="extract", unit="image")):
-            out = extractor(image, box=None if boxes is None else boxes[i])
-            if store is None:  # the first image's rows give the file's topk and descriptor dimension
-                topk, width = out.rows.shape
-                store = DescriptorStore.create(path, len(images), topk, width - HEADER)
+    with DescriptorStore.create(path, len(images), topk, width - HEADER) as store:
+        for i in tqdm(range(len(images)), disable=not show, desc="extract", unit="image"):
+            out = first if i == 0 else extracted(i)
             store.write(i, out.rows[None])
             globals_.append(out.global_descriptor)
-    finally:
-        if store is not None:
-            store.close()
     return torch.stack(globals_)

@@ -87,10 +87,10 @@ class _Contrastive:
             columns += [torch.where(active, hinge, 0.0).sum(1), active.sum(1), mask.sum(1)]
         return torch.stack([c.to(s.dtype) for c in columns], 1)
 
-    def empty(self, stats: Tensor, labels: Tensor, mining: Tensor | None) -> bool:
-        """No positive and no negative pair (the dense path's None); never for B >= 2, whose other samples are
-        all one or the other, but written as the dense rule says."""
-        return not bool(stats[:, 2].any()) and not bool(stats[:, 5].any())
+    def empty(self, stats: Tensor, labels: Tensor, mining: Tensor | None) -> Tensor:
+        """No positive and no negative pair (the dense path's None): never for B >= 2, whose other samples are
+        all one or the other, so a constant (no device sync)."""
+        return torch.zeros((), dtype=torch.bool, device=stats.device)
 
     def _divisors(self, totals: Tensor) -> tuple[Tensor, Tensor]:
         return (
@@ -158,16 +158,16 @@ class _MultiSimilarity:
         pos_lse = masked_log1p_sum_exp(-alpha * (s - base), pos)
         return torch.stack([pos_lse, masked_log1p_sum_exp(beta * (s - base), neg)], 1)
 
-    def empty(self, stats: Tensor, labels: Tensor, mining: Tensor | None) -> bool:
+    def empty(self, stats: Tensor, labels: Tensor, mining: Tensor | None) -> Tensor:
         """No (mined) positive and no (mined) negative pair (the dense path's None). Unmined never, for B >= 2.
         The miner's rule is monotone in S, so a row keeps some pair iff it keeps its hardest positive or its
         hardest negative: the rule itself (:func:`_mine`), applied to those two "pairs" of each row."""
         if mining is None:
-            return False
+            return torch.zeros((), dtype=torch.bool, device=stats.device)
         # the columns of mining: each row's least similar positive, its most similar negative
         hardest_pos = torch.tensor([[True, False]], device=mining.device)
         pos, neg = _mine(mining, hardest_pos, ~hardest_pos, mining, self.params[3])
-        return not bool(pos.any()) and not bool(neg.any())
+        return ~(pos.any() | neg.any())
 
     def _per_anchor(self, stats: Tensor) -> Tensor:
         alpha, beta = self.params[:2]
@@ -211,18 +211,16 @@ class _SupCon:
         num_pos = stats[:, 1]
         return torch.where(num_pos > 0, stats[:, 0] - stats[:, 2] / num_pos.clamp(min=1), 0.0)
 
-    def empty(self, stats: Tensor, labels: Tensor, mining: Tensor | None) -> bool:
+    def empty(self, stats: Tensor, labels: Tensor, mining: Tensor | None) -> Tensor:
         """No positive pair (all labels distinct) or no negative one (one class): nothing to contrast, the dense
         path's None."""
-        return not bool(stats[:, 1].any()) or not bool((labels != labels[0]).any())
+        return ~stats[:, 1].any() | (labels == labels[0]).all()
 
     def _weights(self, stats: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Each anchor's loss and its weight in the mean over the anchors with a positive loss (PML's
         ``AvgNonZeroReducer``); all weights 0 for an empty batch (:meth:`empty`), where PML returns 0."""
         per_anchor = self._per_anchor(stats)
-        nonzero = per_anchor > 0
-        if self.empty(stats, labels, None):
-            nonzero = torch.zeros_like(nonzero)
+        nonzero = (per_anchor > 0) & ~self.empty(stats, labels, None)  # a tensor rule: no device sync
         return per_anchor, nonzero.to(stats.dtype) / nonzero.sum().clamp(min=1)
 
     def value(self, stats: Tensor, labels: Tensor) -> Tensor:
@@ -566,7 +564,7 @@ class _TiledPairLoss(torch.autograd.Function):
             stats = stats_of(loss, e, labels, mining, tile).to(e.dtype)
         ctx.save_for_backward(e, labels, mining, stats)
         ctx.loss, ctx.grad_of, ctx.tile = loss, grad_of, tile
-        empty = torch.tensor(loss.empty(stats, labels, mining))
+        empty = loss.empty(stats, labels, mining)  # stays on the device: read only under return_empty
         ctx.mark_non_differentiable(empty)
         return loss.value(stats, labels), empty
 

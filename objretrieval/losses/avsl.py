@@ -176,12 +176,9 @@ class AVSLProxyAnchorLoss(_AVSLLoss):
         super().__init__(num_levels, level_weights)
         self.num_classes = check_positive_int(num_classes, "num_classes")
         self.max_all_proxies = check_positive_int(max_all_proxies, "max_all_proxies")
-        # named as well, for the repr
-        self.level_margins = self.pos_margin, self.neg_margin, self.alpha = _proxy_anchor_margins(
-            pos_margin, neg_margin, alpha
-        )
-        self.final_margins = self.final_pos_margin, self.final_neg_margin, self.final_alpha = (
-            _proxy_anchor_margins(final_pos_margin, final_neg_margin, final_alpha, prefix="final_")
+        self.pos_margin, self.neg_margin, self.alpha = _proxy_anchor_margins(pos_margin, neg_margin, alpha)
+        self.final_pos_margin, self.final_neg_margin, self.final_alpha = _proxy_anchor_margins(
+            final_pos_margin, final_neg_margin, final_alpha, prefix="final_"
         )
         self.embed_dim = embed_dim = check_positive_int(embed_dim, "embed_dim")
         self.proxies = nn.Parameter(torch.empty(num_levels, self.num_classes, embed_dim))
@@ -222,9 +219,18 @@ class AVSLProxyAnchorLoss(_AVSLLoss):
         matrices, proxy_labels = self.distances(model, features, labels)
         y = self._labels(features, labels)
         with full_precision(y.device):
-            final = proxy_anchor_distance_loss(upcast(matrices.final), y, proxy_labels, *self.final_margins)
+            final = proxy_anchor_distance_loss(
+                upcast(matrices.final),
+                y,
+                proxy_labels,
+                self.final_pos_margin,
+                self.final_neg_margin,
+                self.final_alpha,
+            )
             levels = [
-                proxy_anchor_distance_loss(upcast(d), y, proxy_labels, *self.level_margins)
+                proxy_anchor_distance_loss(
+                    upcast(d), y, proxy_labels, self.pos_margin, self.neg_margin, self.alpha
+                )
                 for d in matrices.levels
             ]
         return self._total(final, levels)
@@ -245,10 +251,7 @@ class AVSLPairwiseProxyAnchorLoss(_AVSLLoss):
         alpha: float = 16.0,
     ) -> None:
         super().__init__(num_levels, level_weights)
-        # named as well, for the repr
-        self.margins = self.pos_margin, self.neg_margin, self.alpha = _proxy_anchor_margins(
-            pos_margin, neg_margin, alpha
-        )
+        self.pos_margin, self.neg_margin, self.alpha = _proxy_anchor_margins(pos_margin, neg_margin, alpha)
 
     def forward(
         self, model: AVSL | AttributableSimilarity, features: AVSLFeatures, labels: Tensor
@@ -257,7 +260,9 @@ class AVSLPairwiseProxyAnchorLoss(_AVSLLoss):
         matrices = _similarity(model)(features, features)
         with full_precision(y.device):
             parts = [
-                proxy_anchor_distance_loss(upcast(d), y, y, *self.margins, exclude_diagonal=True)
+                proxy_anchor_distance_loss(
+                    upcast(d), y, y, self.pos_margin, self.neg_margin, self.alpha, exclude_diagonal=True
+                )
                 for d in (matrices.final, *matrices.levels)
             ]
         return self._total(parts[0], parts[1:])

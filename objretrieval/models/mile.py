@@ -47,11 +47,6 @@ class MILEAggregator(ConfigRepr, nn.Module):
         gate_trainable: learn ``gate_alpha`` (MILE's ``gate_tanh``); otherwise a = tanh(0) = 0.
     """
 
-    config_attributes: ClassVar[dict[str, str | None]] = {
-        "num_heads": "mha.num_heads",
-        "gate_trainable": "gate_alpha.requires_grad",
-    }
-
     def __init__(self, dim: int, num_heads: int = 1, mlp_ratio: float = 2.0, gate_trainable: bool = True):
         super().__init__()
         self.dim, self.mlp_ratio = dim, mlp_ratio
@@ -67,6 +62,15 @@ class MILEAggregator(ConfigRepr, nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         self.gate_alpha = nn.Parameter(torch.tensor(0.0), requires_grad=gate_trainable)
+
+    @property
+    def num_heads(self) -> int:
+        return self.mha.num_heads
+
+    @property
+    def gate_trainable(self) -> bool:
+        """Whether ``gate_alpha`` learns, read from the parameter (it may have been frozen since)."""
+        return self.gate_alpha.requires_grad
 
     @property
     def gate(self) -> Tensor:
@@ -184,9 +188,9 @@ class MILE(ConfigRepr, nn.Module):
     # the repr reads the aggregator's and the head's arguments back from them (absent without a head)
     config_attributes: ClassVar[dict[str, str | None]] = {
         "backbone": "backbone_name",
-        "cross_heads": "aggregator.mha.num_heads",
+        "cross_heads": "aggregator.num_heads",
         "cross_mlp_ratio": "aggregator.mlp_ratio",
-        "gate_trainable": "aggregator.gate_alpha.requires_grad",
+        "gate_trainable": "aggregator.gate_trainable",
         "head_hidden_dim": "head.hidden_dim",
         "head_bottleneck_dim": "head.bottleneck_dim",
         "head_layers": "head.nlayers",
