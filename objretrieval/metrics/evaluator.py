@@ -117,8 +117,8 @@ class RetrievalEvaluator(ConfigRepr):
         kmeans_seed: seed of the clustering metrics' k-means.
         precision: screening products of the torch kNN: ``"float32"`` or ``"bf16-exact"`` (bfloat16 products,
             then exact scores for every pair that can still enter a top-k: identical values, faster on CPUs
-            with AVX-512 BF16 / AMX and on GPUs; see :func:`~objretrieval.search.knn`). The exhaustive count
-            behind ``map`` and ``mrr`` always runs in float32.
+            with AVX-512 BF16 / AMX and on GPUs; see :func:`~objretrieval.search.knn`), also for the exhaustive
+            count behind ``map`` and ``mrr``, which ranks by the same exact scores.
     """
 
     #: the repr shows the metric names as asked for, not their resolved table rows
@@ -370,6 +370,7 @@ class RetrievalEvaluator(ConfigRepr):
                 ),
                 num_relevant=num_relevant,
                 label_comparison_fn=self.label_comparison_fn,
+                precision=self.precision,
             )
             source = None if source is None else already_checked(source)
         # Exhaustive ranks serve every ranking metric; a kNN is then needed only for neighbour lists.

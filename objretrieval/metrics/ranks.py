@@ -10,13 +10,22 @@ which query (same label, or a custom label comparison), always evaluated block b
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from objretrieval.search.scoring import Metric, iter_scores, prepare
+from objretrieval._validation import check_choice
+from objretrieval.search.exact import (
+    PRECISIONS,
+    ExactRanks,
+    Precision,
+    Screen,
+    SearchStats,
+    exact_pair_scores,
+)
+from objretrieval.search.scoring import Metric, Prepared, prepare, prepared_blocks
 from objretrieval.search.sources import BlockSource, GalleryLike
 
 #: ``label_comparison_fn(query_labels, gallery_labels) -> bool``, pytorch-metric-learning's convention: the two
@@ -25,8 +34,6 @@ from objretrieval.search.sources import BlockSource, GalleryLike
 #: ``lambda a, b: a[..., 0] == b[..., 0]``.
 LabelComparison = Callable[[Tensor, Tensor], Tensor]
 
-# Bound on the (rows x gallery block x relevant items) comparison tensor of the exhaustive count.
-COMPARE_BUDGET = 1 << 25
 # Label pairs handed to a custom comparison at once when counting relevant items.
 _LABEL_BUDGET = 1 << 22
 
@@ -205,16 +212,23 @@ def ranks_exhaustive(
     progress: bool = False,
     num_relevant: Tensor | None = None,
     label_comparison_fn: LabelComparison | None = None,
+    precision: Precision = "float32",
+    stats: SearchStats | None = None,
 ) -> RelevantRanks:
-    """Exact ranks of every relevant item over the whole gallery, in two streamed passes.
+    """Ranks of every relevant item over the whole gallery by exact score, in two streamed passes.
 
-    The first pass collects each query's scores for its relevant items; the second counts, for each of them,
-    the gallery items ranked above it under the (score descending, index ascending) order. Memory stays
-    O(Q x P); time is O(Q x N x (D + P)).
+    The ranking is the exact search's (:mod:`objretrieval.search.exact`): exact scores, ties to the lower
+    gallery index, so ranks do not depend on ``block_size``, ``query_block_size``, ``precision``, the device
+    or the number of processes. The first pass scores each query's relevant items exactly; the second screens
+    every gallery block and counts, for each relevant item, the items ranked above it, scoring exactly only
+    the few whose screened score lies within its bound of a relevant item's (:class:`ExactRanks`). Memory
+    stays O(Q x P) plus one block; time is O(Q x N x (D + log P)).
 
     Args:
         num_relevant: (Q,) counts from :func:`count_relevant`, if the caller has them already.
         label_comparison_fn: custom relevance (see :class:`Relevance`); default same label.
+        precision: the screening products, ``"float32"`` or ``"bf16-exact"`` (same ranks).
+        stats: optional :class:`~objretrieval.search.exact.SearchStats` counting the second pass's pairs.
     """
     source = gallery if isinstance(gallery, BlockSource) else BlockSource(gallery, "gallery", block_size)
     if not source.reiterable:
@@ -222,53 +236,66 @@ def ranks_exhaustive(
             "exhaustive ranking reads the gallery twice: pass an array, an h5py dataset or a "
             "list of blocks, not a one-shot generator"
         )
+    screen = Screen(metric, check_choice(precision, "precision", PRECISIONS))
     relevance = Relevance(query_labels, gallery_labels, exclude, label_comparison_fn).to(device)
     if num_relevant is None:
         num_relevant = relevance.count()
     num_relevant = num_relevant.to(device)
     width = max(int(num_relevant.max()), 1)
     prepared = prepare(queries, metric, device)
-    num_queries = queries.shape[0]
+    num_queries = len(prepared)
 
-    def passes(src: BlockSource, desc: str):
-        return iter_scores(
-            prepared,
-            src,
-            metric,
-            device=device,
-            query_block_size=query_block_size,
-            exclude=relevance.exclude,
-            progress=progress,
-            desc=desc,
-        )
+    def passes(src: BlockSource, desc: str) -> Iterator[tuple[int, Prepared]]:
+        return prepared_blocks(src, metric, device, prepared, progress=progress, desc=desc)
 
-    # Pass 1: the score and gallery index of every relevant item, left-aligned per query.
+    # Pass 1: the exact score and gallery index of every relevant item, left-aligned per query.
     rel_scores = torch.full((num_queries, width), float("inf"), device=device)
     rel_index = torch.full((num_queries, width), -1, dtype=torch.int64, device=device)
     filled = torch.zeros(num_queries, dtype=torch.int64, device=device)
-    for row_start, col_offset, s in passes(source, "ranking (1/2)"):
-        hit = relevance.block(row_start, s.shape[0], col_offset, s.shape[1]) & (s > float("-inf"))
-        rows, cols = hit.nonzero(as_tuple=True)
-        if rows.numel() == 0:
-            continue
-        per_row = torch.bincount(rows, minlength=s.shape[0])
-        first = torch.cumsum(per_row, 0) - per_row
-        global_rows = rows + row_start
-        slot = filled[global_rows] + torch.arange(rows.numel(), device=device) - first[rows]
-        rel_scores[global_rows, slot] = s[rows, cols]
-        rel_index[global_rows, slot] = cols + col_offset
-        filled[row_start : row_start + s.shape[0]] += per_row
+    for col_offset, block in passes(source, "ranking (1/2)"):
+        for row_start in range(0, num_queries, query_block_size):
+            q = prepared.rows(row_start, row_start + query_block_size)
+            rows, cols, scores = relevant_pairs(
+                relevance, q.points, row_start, block.points, col_offset, metric
+            )
+            if rows.numel() == 0:
+                continue
+            per_row = torch.bincount(rows, minlength=len(q))
+            global_rows = rows + row_start
+            slot = (
+                filled[global_rows]
+                + torch.arange(rows.numel(), device=device)
+                - (per_row.cumsum(0) - per_row)[rows]
+            )
+            rel_scores[global_rows, slot] = scores
+            rel_index[global_rows, slot] = cols + col_offset
+            filled[row_start : row_start + len(q)] += per_row
 
-    # Pass 2: count the items ranked above each relevant item, in row chunks that stay inside the block.
-    above = torch.zeros((num_queries, width), dtype=torch.int64, device=device)
-    for row_start, col_offset, s in passes(already_checked(source), "ranking (2/2)"):
-        cols = torch.arange(col_offset, col_offset + s.shape[1], device=device)[None, :, None]
-        chunk = max(1, COMPARE_BUDGET // (s.shape[1] * width))
-        for r in range(0, s.shape[0], chunk):
-            rows = slice(row_start + r, row_start + min(r + chunk, s.shape[0]))
-            block = s[r : r + chunk, :, None]
-            score, index = rel_scores[rows][:, None, :], rel_index[rows][:, None, :]
-            ranked_above = (block > score) | ((block == score) & (cols < index))
-            above[rows] += (ranked_above & (cols != index)).sum(dim=1)
+    # Pass 2: screen every block and count the items ranked above each relevant item.
+    counter = ExactRanks(rel_scores, rel_index, stats)
+    qs = screen.rows(prepared, "queries")
+    buffer = screen.buffer(min(query_block_size, num_queries), source.block_size, device)
+    for col_offset, g_prepared in passes(already_checked(source), "ranking (2/2)"):
+        g = screen.rows(g_prepared, source.name, col_offset)
+        for row_start in range(0, num_queries, query_block_size):
+            q_rows = qs.rows(row_start, row_start + query_block_size)
+            counter.update(row_start, col_offset, q_rows, g, screen, relevance.exclude, buffer)
+    return RelevantRanks(left_align(counter.ranks()), num_relevant, None)
 
-    return RelevantRanks(left_align(torch.where(rel_index >= 0, above + 1, 0)), num_relevant, None)
+
+def relevant_pairs(
+    relevance: Relevance,
+    query_points: Tensor,
+    row_start: int,
+    gallery_points: Tensor,
+    col_offset: int,
+    metric: Metric,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(rows, cols, exact scores)`` of the relevant pairs of a block of queries (rows from ``row_start``) and
+    gallery items (columns from ``col_offset``), local indices, row-major; excluded pairs left out."""
+    hit = relevance.block(row_start, len(query_points), col_offset, len(gallery_points))
+    rows, cols = hit.nonzero(as_tuple=True)
+    if relevance.exclude is not None:
+        keep = relevance.exclude[rows + row_start] != cols + col_offset
+        rows, cols = rows[keep], cols[keep]
+    return rows, cols, exact_pair_scores(query_points, gallery_points, rows, cols, metric)

@@ -8,17 +8,17 @@ one a single process computes. :class:`GlobalShard` is one rank's part of a glob
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from objretrieval._validation import check_choice
 from objretrieval.distributed.knn import ShardedSearch
 from objretrieval.distributed.world import Group, all_gather_uneven, all_reduce_sum_
-from objretrieval.metrics.ranks import COMPARE_BUDGET, LabelComparison, Relevance, RelevantRanks, left_align
-from objretrieval.search.scoring import Metric, Prepared, mask_excluded, score_block
+from objretrieval.metrics.ranks import LabelComparison, Relevance, RelevantRanks, left_align, relevant_pairs
+from objretrieval.search.exact import PRECISIONS, ExactRanks, Precision, Screen, ScreenRows
+from objretrieval.search.scoring import Metric
 
 
 @dataclass
@@ -60,36 +60,43 @@ def sharded_relevant_ranks(
     block_size: int,
     group: Group,
     query_block_size: int = 1024,
+    precision: Precision = "float32",
 ) -> RelevantRanks:
-    """The exact rank of every relevant item of this rank's queries over the gallery sharded across ranks.
+    """The rank of every relevant item of this rank's queries over the gallery sharded across ranks.
 
-    The streamed count of :func:`~objretrieval.metrics.ranks_exhaustive`, on the rounds of
-    :meth:`~objretrieval.distributed.knn.ShardedSearch.query_rounds` that
+    The count of :func:`~objretrieval.metrics.ranks_exhaustive` (exact scores, ties to the lower position), on
+    the rounds of :meth:`~objretrieval.distributed.knn.ShardedSearch.query_rounds` that
     :func:`~objretrieval.distributed.knn.sharded_knn` searches on (one process's blocks, prepared as one
-    process prepares them), so every score is bit-identical to one process's. In each round every rank finds
-    the relevant items among its gallery blocks (scores and global positions), these are gathered, every rank
-    counts its items ranked above each of them under the (score descending, position ascending) order, the
-    counts are summed, and the
-    ranks travel back to the queries' ranks. Memory per rank: O(query block x ``width``) besides the shards;
+    process prepares them). In each round every rank scores exactly the relevant items among its gallery
+    blocks, these are gathered, every rank counts its items ranked above each of them
+    (:class:`~objretrieval.search.exact.ExactRanks`), the counts are summed, and the ranks travel back to the
+    queries' ranks: the ranks of one process. Memory per rank: O(query block x ``width``) besides the shards;
     ``width`` is the largest number of relevant items of a query.
 
     Args:
         num_relevant: (n_q,) relevant items of this rank's queries.
+        precision: the screening products, ``"float32"`` or ``"bf16-exact"`` (same ranks).
     """
     device = device if device is not None else queries.embeddings.device
-    search = ShardedSearch(1, metric, device, group)
+    screen = Screen(metric, check_choice(precision, "precision", PRECISIONS))
+    search = ShardedSearch(1, metric, device, group, screen)
     num_q = queries.labels.shape[0]
     q_moves, rounds = search.query_rounds(
         queries.embeddings, queries.ids, gallery.embeddings, gallery.ids, num_q, block_size, query_block_size
     )
     q_labels, g_labels = queries.labels.to(device), gallery.labels.to(device)
+    screened: dict[int, ScreenRows] = {}  # this rank's gallery blocks, ready for screening once
     results = []
     for r in rounds:
         count = len(r.queries)
-        relevance = Relevance(q_labels[r.start : r.start + count], g_labels, None, label_comparison_fn)
         exclude = torch.arange(r.start, r.start + count, device=device) if leave_one_out else None
-        scores = functools.partial(_block_scores, r.queries, r.gallery, exclude, metric, r.buffer)
-        block_ranks = _block_ranks(scores, relevance, count, width, device, group)
+        relevance = Relevance(q_labels[r.start : r.start + count], g_labels, exclude, label_comparison_fn)
+        qs = screen.rows(r.queries, "queries")
+        for col, gal in r.gallery:
+            if col not in screened:
+                screened[col] = screen.rows(gal, "gallery", col)
+        blocks = [(col, screened[col]) for col, _ in r.gallery]
+        block_ranks = _block_ranks(qs, blocks, relevance, screen, r.buffer, width, group)
         if search.rank == r.owner:
             results.append(block_ranks)
     held = torch.cat(results) if results else torch.empty((0, width), dtype=torch.int64, device=device)
@@ -97,43 +104,28 @@ def sharded_relevant_ranks(
     return RelevantRanks(left_align(ranks), num_relevant.to(device), None)
 
 
-def _block_scores(
-    block: Prepared,
-    gallery_blocks: list[tuple[int, Prepared]],
-    exclude: Tensor | None,
-    metric: Metric,
-    buffer: Tensor,
-) -> Iterator[tuple[int, Tensor]]:
-    """``(global column, scores)`` of a query block against this rank's gallery blocks, self pairs at -inf."""
-    for col, prepared in gallery_blocks:
-        s = score_block(block, prepared, metric, out=buffer)
-        mask_excluded(s, exclude, 0, col)
-        yield col, s
-
-
 def _block_ranks(
-    scores: Callable[[], Iterator[tuple[int, Tensor]]],
+    qs: ScreenRows,
+    blocks: list[tuple[int, ScreenRows]],
     relevance: Relevance,
-    rows: int,
+    screen: Screen,
+    buffer: Tensor,
     width: int,
-    device: torch.device,
     group: Group,
 ) -> Tensor:
-    """(rows, width) 1-based ranks of the relevant items of one query block (0 padding, not left-aligned).
-
-    ``scores()`` yields ``(global column, block)`` over this rank's gallery blocks, self pairs at -inf; the
-    two passes are those of :func:`~objretrieval.metrics.ranks_exhaustive`, each followed by an exchange.
-    """
-    # Pass 1: the score and global position of every relevant item held here, gathered from every rank
+    """(rows, width) 1-based ranks of the relevant items of one query block (0 padding, not left-aligned)
+    over this rank's gallery ``blocks`` ``(global column, rows)``: the two passes of
+    :func:`~objretrieval.metrics.ranks_exhaustive`, each followed by an exchange. ``relevance.exclude`` holds
+    global columns."""
+    rows, device = len(qs), qs.points.device
+    # Pass 1: the exact score and global position of every relevant item held here, gathered from every rank
     # (float64 holds the row, the position and the float32 score exactly).
     found = [torch.empty((0, 3), dtype=torch.float64, device=device)]
-    for col, s in scores():
-        r, c = (relevance.block(0, rows, col, s.shape[1]) & (s > float("-inf"))).nonzero(as_tuple=True)
-        found.append(torch.stack([r.double(), (c + col).double(), s[r, c].double()], dim=1))
+    for col, g in blocks:
+        r, c, exact = relevant_pairs(relevance, qs.points, 0, g.points, col, screen.metric)
+        found.append(torch.stack([r.double(), (c + col).double(), exact.double()], dim=1))
     packed, _ = all_gather_uneven(torch.cat(found), group, "relevant items")
-    r = packed[:, 0].long()
-    order = torch.sort(r, stable=True).indices
-    r = r[order]
+    r, order = torch.sort(packed[:, 0].long(), stable=True)
     per_row = torch.bincount(r, minlength=rows)
     slot = torch.arange(r.numel(), device=device) - (torch.cumsum(per_row, 0) - per_row)[r]
     rel_scores = torch.full((rows, width), float("inf"), device=device)
@@ -142,14 +134,8 @@ def _block_ranks(
     rel_index[r, slot] = packed[order, 1].long()
 
     # Pass 2: this rank's items ranked above each relevant item, summed over the ranks.
-    above = torch.zeros((rows, width), dtype=torch.int64, device=device)
-    for col, s in scores():
-        cols = torch.arange(col, col + s.shape[1], device=device)[None, :, None]
-        chunk = max(1, COMPARE_BUDGET // (s.shape[1] * width))
-        for a in range(0, rows, chunk):
-            b = s[a : a + chunk, :, None]
-            score, index = rel_scores[a : a + chunk, None, :], rel_index[a : a + chunk, None, :]
-            ranked_above = (b > score) | ((b == score) & (cols < index))
-            above[a : a + chunk] += (ranked_above & (cols != index)).sum(dim=1)
-    all_reduce_sum_(above, group)
-    return torch.where(rel_index >= 0, above + 1, 0)
+    counter = ExactRanks(rel_scores, rel_index)
+    for col, g in blocks:
+        counter.update(0, col, qs, g, screen, relevance.exclude, buffer)
+    all_reduce_sum_(counter.counts, group)
+    return counter.ranks()

@@ -441,6 +441,7 @@ class RetrievalMetrics(ConfigRepr, nn.Module):
                 label_comparison_fn=ev.label_comparison_fn,
                 device=ev.device,
                 block_size=ev.block_size,
+                precision=ev.precision,
                 group=group,
             )
         found = None

@@ -15,6 +15,10 @@ of a row's running k-th: for float32 products ``E`` is about ``D 2^-24 |q||g|`` 
 row), for bfloat16 about ``2^-8 |q||g|`` (tens of pairs per row on real embeddings). :class:`SearchStats`
 counts them.
 
+:class:`ExactRanks` ranks the whole gallery by the same exact scores (``map``, ``mrr``): a screened pair
+counts as above or below a relevant item of exact score ``c`` when ``s - E > c`` or ``s + E < c``, and only
+the pairs in between are scored exactly.
+
 Bound of a screened score (u = 2^-24, u_b = 2^-8, gamma_n = n u / (1 - n u), L = ceil(log2 D)):
 
 - float32, inner product: ``|s - c| <= (gamma_D + gamma_{L+1}) |q| |g|`` (any summation order of the
@@ -52,11 +56,11 @@ from objretrieval.search.scoring import (
     buffer_view,
     gram_scores,
     mask_excluded,
-    prepare,
+    prepared_blocks,
     score_block,
 )
 from objretrieval.search.sources import BlockSource
-from objretrieval.search.topk import sort_by_score_then_index
+from objretrieval.search.topk import score_index_keys, sort_by_score_then_index
 
 Precision = Literal["float32", "bf16-exact"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -196,6 +200,10 @@ class ScreenRows:
     @property
     def points(self) -> Tensor:
         return self.prepared.points
+
+    def wide(self) -> ScreenRows:
+        """These rows for float32 screening (the bfloat16 copy dropped)."""
+        return ScreenRows(self.prepared, self.norms)
 
     @property
     def operand(self) -> Tensor:
@@ -526,6 +534,162 @@ class _Scorer:
         st.indices[at] = merged_indices[:, : st.k]
 
 
+class ExactRanks:
+    """Rank of each row's relevant items among all gallery items by exact score, counted over screened
+    blocks: the whole ranking that ``map`` and ``mrr`` need, in O(rows x P) memory.
+
+    For a relevant item of exact score ``c``, a block entry of screened score ``s`` and bound ``E`` is
+    certainly ranked above it if ``s - E > c`` and certainly not if ``s + E < c`` (:func:`thresholds`, both
+    ways); only the entries in between, within reach of some relevant item (the relevant items themselves,
+    whose keys are known, and near-ties), need their exact score, and the (exact score descending, index
+    ascending) order decides. With the relevant items sorted by that order, each entry is ranked above a
+    prefix of them (worst first): one ``searchsorted`` per entry places it, and a histogram of the places,
+    summed over blocks (and over processes), gives every rank. Ranks therefore do not depend on the screening
+    precision, block sizes or the number of processes.
+
+    Args:
+        scores: (rows, P) exact scores (:func:`exact_pair_scores`) of each row's relevant items, any order.
+        indices: (rows, P) their gallery indices; -1 marks an empty slot.
+        stats: optional :class:`SearchStats` to count the pairs screened and rescored.
+    """
+
+    #: A bfloat16 block with more entries within reach than this share (beyond the relevant items
+    #: themselves) is screened again in float32, and so are the blocks after it: an exact score costs about
+    #: a hundred product entries, and a bfloat16 bound (``2^-8 |q||g|``) around each of P relevant scores
+    #: covers much of a row when P is in the tens.
+    FINER_SHARE = 1 / 256
+
+    def __init__(self, scores: Tensor, indices: Tensor, stats: SearchStats | None = None) -> None:
+        present = indices >= 0
+        empty = torch.iinfo(torch.int64).max  # empty slots sort last in both orders
+        keys = torch.where(present, score_index_keys(scores, indices), empty)
+        self.keys, order = keys.sort(dim=1)  # ascending: the lowest-ranked relevant item first
+        self.scores = torch.where(present, scores, float("inf")).gather(1, order)
+        self.present = present.gather(1, order)
+        # the same keys by gallery index, to look up a relevant item met again in the second pass
+        self.ids, by_id = torch.where(present, indices, empty).sort(dim=1)
+        self.id_keys = keys.gather(1, by_id)
+        #: counts[i, p]: entries of row i ranked above exactly its p lowest-ranked relevant items
+        self.counts = torch.zeros(
+            (scores.shape[0], scores.shape[1] + 1), dtype=torch.int64, device=scores.device
+        )
+        self.stats = stats
+        #: set once a bfloat16 block had too many entries within reach; later blocks screen in float32
+        self.crowded = False
+
+    def update(
+        self,
+        row_start: int,
+        col_offset: int,
+        q: ScreenRows,
+        g: ScreenRows,
+        screen: Screen,
+        exclude: Tensor | None = None,
+        out: Tensor | None = None,
+    ) -> None:
+        """Screen rows ``q`` (from ``row_start``) against gallery rows ``g`` (from ``col_offset``) and count.
+
+        Args:
+            exclude: (num_rows,) gallery index each row of the counter must not count, -1 for none.
+            out: scratch memory for the screened block (:meth:`Screen.buffer`).
+        """
+        rows = slice(row_start, row_start + len(q))
+        if self.stats is not None:
+            self.stats.screened += len(q) * len(g)
+        if screen.precision != "float32" and self.crowded:  # a bfloat16 block was too crowded: float32 now
+            q, g, screen, out = q.wide(), g.wide(), Screen(screen.metric), None
+        place, r, col = self._classify(rows, q, g, screen, exclude, row_start, col_offset, out)
+        if screen.precision != "float32" and r.numel() > self._allowed(rows, col_offset, len(g)):
+            self.crowded = True
+            q, g, screen = q.wide(), g.wide(), Screen(screen.metric)
+            place, r, col = self._classify(rows, q, g, screen, exclude, row_start, col_offset)
+        if r.numel():
+            key = self._keys_of(rows, r, col, col_offset, q.points, g.points, screen.metric)
+            place[r, col] = self._place(self.keys[rows], r, place[r, col], key)
+        width = self.keys.shape[1] + 1
+        slots = place + torch.arange(0, len(q) * width, width, device=place.device)[:, None]
+        self.counts[rows] += torch.bincount(slots.view(-1), minlength=len(q) * width).view(len(q), width)
+
+    def _classify(
+        self,
+        rows: slice,
+        q: ScreenRows,
+        g: ScreenRows,
+        screen: Screen,
+        exclude: Tensor | None,
+        row_start: int,
+        col_offset: int,
+        out: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows, cols) relevant items each entry is certainly ranked above, and the entries within reach of
+        the next one (row, column), whose exact score decides."""
+        block = screen.scores(q, g, out=out)
+        mask_excluded(block, exclude, row_start, col_offset)
+        s = block.float().contiguous()
+        e, relative = screen.bounds(q, g)
+        bound = (e[:, None], relative)
+        c = self.scores[rows]
+        above = thresholds(-c, bound).neg_()  # s > above: exact > c
+        # s < below: exact < c; clamped so that excluded (-inf) entries are never within reach
+        below = thresholds(c, bound).clamp_(min=torch.finfo(torch.float32).min)
+        below = torch.cat([below, below.new_full((len(q), 1), float("inf"))], dim=1)
+        place = torch.searchsorted(above, s)
+        r, col = (below.gather(1, place) <= s).nonzero(as_tuple=True)
+        return place, r, col
+
+    def _keys_of(
+        self,
+        rows: slice,
+        r: Tensor,
+        col: Tensor,
+        col_offset: int,
+        row_points: Tensor,
+        col_points: Tensor,
+        metric: Metric,
+    ) -> Tensor:
+        """Sort keys (:func:`score_index_keys`) of the block entries ``(r, col)``: looked up for relevant
+        items, from exact scores for the others."""
+        ids = col + col_offset
+        known_ids = self.ids[rows]
+        at = self._place(known_ids, r, torch.zeros_like(r), ids).clamp_(max=known_ids.shape[1] - 1)
+        known = known_ids[r, at] == ids
+        key = torch.where(known, self.id_keys[rows][r, at], 0)
+        new = (~known).nonzero().squeeze(1)
+        if new.numel():
+            exact = exact_pair_scores(row_points, col_points, r[new], col[new], metric)
+            key[new] = score_index_keys(exact, ids[new])
+        if self.stats is not None:
+            self.stats.rescored += new.numel()
+        return key
+
+    def _allowed(self, rows: slice, col_offset: int, n_cols: int) -> float:
+        """Entries within reach that a bfloat16 block may have: its relevant items (gallery indices
+        ``col_offset`` to ``col_offset + n_cols - 1``), which are looked up, plus ``FINER_SHARE``."""
+        ids = self.ids[rows]
+        bounds = torch.tensor([col_offset, col_offset + n_cols], device=ids.device).expand(len(ids), 2)
+        inside = torch.searchsorted(ids, bounds.contiguous())
+        return int((inside[:, 1] - inside[:, 0]).sum()) + self.FINER_SHARE * len(ids) * n_cols
+
+    @staticmethod
+    def _place(keys: Tensor, r: Tensor, start: Tensor, key: Tensor) -> Tensor:
+        """How many of ``keys[r]`` (ascending rows) lie below ``key``, by bisection from ``start`` (a count
+        already known to lie below)."""
+        low, high = start, torch.full_like(start, keys.shape[1])
+        for _ in range(keys.shape[1].bit_length()):
+            mid = (low + high) // 2
+            less = keys[r, mid.clamp(max=keys.shape[1] - 1)] < key
+            open_ = low < high
+            low = torch.where(open_ & less, mid + 1, low)
+            high = torch.where(open_ & ~less, mid, high)
+        return low
+
+    def ranks(self) -> Tensor:
+        """(rows, P) 1-based ranks of the relevant items (the counts of every block summed), worst first, 0 in
+        empty slots."""
+        ranked_above = self.counts.flip(1).cumsum(1).flip(1)[:, 1:]
+        return torch.where(self.present, ranked_above + 1, 0)
+
+
 def exact_topk_of_candidates(
     q: ScreenRows,
     g: ScreenRows,
@@ -587,15 +751,10 @@ def search_blocks(
     progress: bool = False,
 ) -> None:
     """Screen every (query block, gallery block) pair into ``state``; the gallery is read once, in order."""
-    from tqdm.auto import tqdm
-
     q = screen.rows(queries, "queries")
     buffer = screen.buffer(min(query_block_size, len(q)), gallery.block_size, device)
-    total = None if gallery.num_rows is None else -(-gallery.num_rows // gallery.block_size)
-    for col_offset, block in tqdm(
-        gallery.blocks(), total=total, disable=not progress, desc="search", unit="block"
-    ):
-        g = screen.rows(prepare(block, screen.metric, device, like=queries), gallery.name, col_offset)
+    for col_offset, block in prepared_blocks(gallery, screen.metric, device, queries, progress=progress):
+        g = screen.rows(block, gallery.name, col_offset)
         for row_start in range(0, len(q), query_block_size):
             rows = q.rows(row_start, row_start + query_block_size)
             s = screen.scores(rows, g, out=buffer)

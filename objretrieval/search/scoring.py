@@ -184,30 +184,19 @@ def mask_excluded(scores: Tensor, exclude: Tensor | None, row_start: int, col_of
         scores[rows, ex[rows] - col_offset] = float("-inf")
 
 
-def iter_scores(
-    queries: Prepared,
+def prepared_blocks(
     gallery: BlockSource,
     metric: Metric,
-    *,
     device: torch.device,
-    query_block_size: int,
-    exclude: Tensor | None = None,
+    like: Prepared,
+    *,
     progress: bool = False,
     desc: str = "search",
-) -> Iterator[tuple[int, int, Tensor]]:
-    """Yield ``(row_start, col_offset, scores)`` over all query blocks x gallery blocks.
-
-    The gallery is the outer loop, so every gallery row is read (from disk, if it lives there) exactly once.
-    Excluded (query, gallery) pairs score -inf. The yielded tensor is a reused buffer: consume it before the
-    next step.
-    """
-    buffer = torch.empty(min(query_block_size, len(queries)) * gallery.block_size, device=device)
+) -> Iterator[tuple[int, Prepared]]:
+    """Yield ``(col_offset, block)`` over the gallery's blocks, each prepared like the queries ``like``
+    (device, dtype, normalisation), in order: a gallery on disk is read exactly once per pass."""
     total = None if gallery.num_rows is None else -(-gallery.num_rows // gallery.block_size)
     for col_offset, block in tqdm(
         gallery.blocks(), total=total, disable=not progress, desc=desc, unit="block"
     ):
-        g = prepare(block, metric, device, like=queries)
-        for row_start in range(0, len(queries), query_block_size):
-            s = score_block(queries.rows(row_start, row_start + query_block_size), g, metric, out=buffer)
-            mask_excluded(s, exclude, row_start, col_offset)
-            yield row_start, col_offset, s
+        yield col_offset, prepare(block, metric, device, like=like)
