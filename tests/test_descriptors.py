@@ -37,6 +37,12 @@ def test_pack_bits_matches_numpy_packbits() -> None:
     assert torch.equal(signs, bits.float() * 2 - 1)
 
 
+def test_pack_bits_of_no_rows_keeps_the_layout() -> None:
+    packed = pack_bits(torch.zeros(0, 5, 16, dtype=torch.bool))  # a block of no images (a rank without blocks)
+    assert packed.shape == (0, 5, 2) and packed.dtype == torch.uint8
+    assert unpack_bits(packed).shape == (0, 5, 16)
+
+
 def test_models_never_import_descriptors() -> None:
     """The model package owns what its models need (bit packing); descriptors build on models, not back."""
     import subprocess

@@ -72,7 +72,16 @@ def comm_device(t: Tensor, group: Group = None) -> torch.device:
     return t.device
 
 
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool)
+_DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.bool,
+    torch.uint8,  # packed binary codes
+)
 
 
 @torch.no_grad()

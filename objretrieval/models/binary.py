@@ -15,7 +15,7 @@ def pack_bits(bits: Tensor) -> Tensor:
     """(..., n) bool -> (..., n / 8) uint8, most significant bit first (as ``numpy.packbits``)."""
     if bits.shape[-1] % 8:
         raise ValueError(f"the number of bits ({bits.shape[-1]}) must be a multiple of 8")
-    grouped = bits.reshape(*bits.shape[:-1], -1, 8).to(torch.uint8)
+    grouped = bits.reshape(*bits.shape[:-1], bits.shape[-1] // 8, 8).to(torch.uint8)  # explicit: 0 rows too
     return (grouped * _BITS.to(bits.device)).sum(-1, dtype=torch.uint8)
 
 

@@ -8,7 +8,7 @@ codes in a :class:`BinaryCodeStore` (binarized models), or a :class:`DatabaseCac
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -25,9 +25,10 @@ from objretrieval._validation import (
 )
 from objretrieval.descriptors.store import BinaryCodeStore, DescriptorStore, PathLike
 from objretrieval.display import ConfigRepr, SummaryRepr
+from objretrieval.distributed.world import Group, all_gather_uneven, is_distributed
 from objretrieval.models.ames import AMES, ProjectedDescriptors
 from objretrieval.progress import show_progress
-from objretrieval.search.pairwise import check_pairs
+from objretrieval.search.pairwise import _my_share, _on_every_rank, check_pairs
 
 #: What an image source holds: raw local descriptors, packed binary codes, or projected (cached) tokens.
 Kind = Literal["descriptors", "codes", "tokens"]
@@ -56,10 +57,6 @@ class _Source:
             check_finite_values(data, label)
         check_not_all_padded(padding, label, "image")
         return data, padding
-
-    def blocks(self, block_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        for start in range(0, self.size, block_size):
-            yield self.read(np.arange(start, min(start + block_size, self.size)))
 
 
 def _label(name: str, ids: np.ndarray) -> str:
@@ -136,6 +133,25 @@ def _check_matches(model: AMES, source: _Source, what: str) -> None:
         )
 
 
+def _project_blocks(
+    model: AMES, source: _Source, starts: range, block_size: int, device: torch.device, show: bool
+) -> tuple[Tensor, Tensor]:
+    """The database side of the blocks of ``block_size`` images beginning at ``starts``, on the CPU: packed
+    codes (binarized models) or float16 tokens, and their (n, T) keep mask."""
+    parts, keeps = [], []
+    for start in tqdm(starts, disable=not show, desc="projecting", unit="block"):
+        local, pad = source.read(np.arange(start, min(start + block_size, source.size)))
+        local, pad = local.to(device), pad.to(device)
+        if model.binarized:
+            data, keep = model.binary_codes(local, pad)
+        else:
+            projected = model.project_database(local, pad)
+            data, keep = projected.tokens, projected.keep
+        parts.append(data.cpu())
+        keeps.append(keep.cpu())
+    return torch.cat(parts), torch.cat(keeps)
+
+
 @dataclass(frozen=True, repr=False)
 class DatabaseCache(SummaryRepr):
     """Every database image projected once for AMES: float16 tokens, or packed codes for binarized models.
@@ -173,44 +189,67 @@ class DatabaseCache(SummaryRepr):
         block_size: int = 1024,
         device: torch.device | str | None = None,
         progress: bool | None = None,
+        group: Group | None = None,
     ) -> DatabaseCache:
         """Project a database streamed in blocks from a :class:`DescriptorStore` or (descriptors, padding).
 
-        ``progress``: a bar over the blocks; None (the default): for databases of 10,000 images or more.
+        Args:
+            model: the :class:`~objretrieval.models.AMES` whose database side is cached (packed codes if it is
+                binarized, float16 tokens otherwise).
+            database: a :class:`DescriptorStore`, or (descriptors (N, T, Dl), padding (N, T)) tensors.
+            max_descriptors: descriptors kept per image (the first ones: stores sort them by weight).
+            block_size: images projected per call.
+            device: where to project; default the model's device. The cache is kept on the CPU.
+            progress: a bar over the blocks (with ``group``, each rank's bar over its own share); None (the
+                default): for databases of 10,000 images or more.
+            group: share the projection over this process group's ranks (e.g. ``torch.distributed.group.WORLD``):
+                each rank projects a contiguous run of the blocks one process would project, and every rank
+                receives the whole cache, identical to one process's. Every rank must pass the same model and
+                database (the number of images is checked), ``max_descriptors`` and ``block_size``. None: this
+                process projects every block.
 
         Raises:
-            ValueError: on NaN/inf descriptors or an image without any real descriptor, naming the image.
+            ValueError: on NaN/inf descriptors or an image without any real descriptor, naming the image (with
+                ``group``, on every rank, naming the rank that read it), on an empty database, and when ranks
+                pass different arguments.
+            RuntimeError: if ``group`` is given but ``torch.distributed`` is not initialised.
         """
-        max_descriptors = check_positive_int(max_descriptors, "max_descriptors")
-        block_size = check_positive_int(block_size, "block_size")
-        source = _source(database, "database", max_descriptors)
-        if source.kind != "descriptors":
-            raise TypeError(
-                "DatabaseCache.build projects local descriptors; use from_code_store for packed codes"
+        if group is not None and not is_distributed():
+            raise RuntimeError(
+                "DatabaseCache.build(group=...) needs torch.distributed: call init_process_group first"
             )
+
+        def check() -> tuple[tuple[_Source, int], Hashable]:
+            size = check_positive_int(max_descriptors, "max_descriptors")
+            block = check_positive_int(block_size, "block_size")
+            source = _source(database, "database", size)
+            if source.kind != "descriptors":
+                raise TypeError(
+                    "DatabaseCache.build projects local descriptors; use from_code_store for packed codes"
+                )
+            if source.size == 0:
+                raise ValueError("database holds no images: there is nothing to cache")
+            settings = ("images", source.size), ("max_descriptors", size), ("block_size", block)
+            return (source, block), (*settings, ("binarized", model.binarized))
+
+        source, block = _on_every_rank(check, "DatabaseCache.build", group)
         model.eval()
         device = torch.device(device) if device is not None else next(model.parameters()).device
-        keeps, parts = [], []
-        blocks = source.blocks(block_size)
-        for local, pad in tqdm(
-            blocks,
-            total=-(-source.size // block_size),
-            disable=not show_progress(progress, source.size, "images"),
-            desc="projecting",
-        ):
-            local, pad = local.to(device), pad.to(device)
-            if model.binarized:
-                codes, keep = model.binary_codes(local, pad)
-                parts.append(codes.cpu())
-            else:
-                projected = model.project_database(local, pad)
-                parts.append(projected.tokens.cpu())
-                keep = projected.keep
-            keeps.append(keep.cpu())
-        stacked = torch.cat(parts)
-        return (
-            cls(torch.cat(keeps), codes=stacked) if model.binarized else cls(torch.cat(keeps), tokens=stacked)
-        )
+        mine = _my_share(range(0, source.size, block), group)  # the first image of each block of this rank
+        show = show_progress(progress, source.size, "images")
+
+        # a rank left without blocks (fewer blocks than ranks) projects one empty block: the exchange checks
+        # the layout (T, width, dtype) every rank sends
+        starts = mine or range(source.size, source.size + 1)
+
+        def project_mine() -> tuple[tuple[Tensor, Tensor], Hashable]:
+            return _project_blocks(model, source, starts, block, device, show), ()
+
+        data, keep = _on_every_rank(project_mine, "DatabaseCache.build", group)
+        if group is not None:  # every rank's blocks, in rank order: all the blocks, in order
+            data = all_gather_uneven(data, group, "database codes" if model.binarized else "tokens")[0]
+            keep = all_gather_uneven(keep, group, "keep masks")[0]
+        return cls(keep, codes=data) if model.binarized else cls(keep, tokens=data)
 
     @classmethod
     def from_code_store(cls, store: BinaryCodeStore) -> DatabaseCache:
