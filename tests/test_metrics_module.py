@@ -412,5 +412,11 @@ def test_sharded_compute_equals_one_process(world: int) -> None:
         expected = evaluator(*data["both"]) if leave_one_out else evaluator(*data["query"], *data["gallery"])
         for r in range(world):
             assert_same(results[r][name], expected)
+        # each rank reports its share of the searches (the count for map/mrr, the kNN for ar@4): summed, one
+        # process's queries and screened pairs
+        shares = [s for r in range(world) if (s := results[r][name].search) is not None]
+        assert expected.search is not None and all(s.precision == expected.search.precision for s in shares)
+        assert sum(s.queries for s in shares) == expected.search.queries, name
+        assert sum(s.screened for s in shares) == expected.search.screened, name
     for r in range(world):
         assert "do not mix" in results[r]["mixed"]

@@ -270,15 +270,50 @@ def test_evaluator_map_mrr_equal_brute_force(metric: str, precision: str) -> Non
     assert result.metrics["mrr"] == pytest.approx(rr.mean(), abs=1e-12)
 
 
-def _sharded_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
+@pytest.mark.parametrize(
+    ("data", "metric"),
+    [(integer_data(n=70), "ip"), (near_tie_data(n=64, d=16), "cosine")],
+    ids=["ties", "near"],
+)
+def test_evaluator_reports_the_exhaustive_count(data: tuple[torch.Tensor, torch.Tensor], metric: str) -> None:
+    # map alone: the count screens every (query, gallery) pair, leave-one-out's own pairs included as the kNN
+    # counts them, and scores exactly the (near-)ties of relevant items; with ar@4 (a kNN metric) the two
+    # searches add up
+    x, y = data
+    n = len(x)
+    stats = SearchStats()
+    ranks_exhaustive(
+        x, y, x, y, metric=metric, exclude=torch.arange(n), device=CPU, block_size=8, stats=stats
+    )
+    counted = RetrievalEvaluator(["map"], metric=metric, block_size=8)(x, y).search
+    assert counted == stats and stats.queries == n and stats.screened == n * n and stats.rescored > 0
+    knn_only = RetrievalEvaluator(["ar@4"], metric=metric, block_size=8)(x, y).search
+    both = RetrievalEvaluator(["map", "ar@4"], metric=metric, block_size=8)(x, y).search
+    assert knn_only is not None and knn_only.screened == n * n
+    assert both is not None and (both.queries, both.screened, both.rescored) == (
+        2 * n,
+        2 * n * n,
+        stats.rescored + knn_only.rescored,
+    )
+    q, g, ql, gl = x[:25], x[25:], y[:25], y[25:]
+    low = RetrievalEvaluator(["mrr"], metric=metric, block_size=8, precision="bf16-exact")(
+        q, ql, g, gl
+    ).search
+    assert low is not None and (low.precision, low.queries, low.screened) == ("bf16-exact", 25, 25 * (n - 25))
+    with pytest.raises(TypeError, match="stats must be a SearchStats"):
+        ranks_exhaustive(x, y, x, y, metric=metric, exclude=None, device=CPU, stats={})  # type: ignore[arg-type]
+
+
+def _sharded_worker(rank: int, world: int) -> dict[str, Any]:
     x, y = near_tie_data(n=60, d=32)
     bounds = [len(x) * r // world for r in range(world + 1)]
     ids = torch.arange(bounds[rank], bounds[rank + 1])
     shard = GlobalShard(x[ids], ids, y, torch.arange(len(x)), CPU)
     num_relevant = (y[ids, None] == y[None]).sum(1) - 1
     width = int(((y[:, None] == y[None]).sum(1) - 1).max())  # the same on every rank
-    out = {}
+    out: dict[str, Any] = {}
     for precision in PRECISIONS:
+        stats = SearchStats()
         ranks = sharded_relevant_ranks(
             shard,
             shard,
@@ -292,8 +327,10 @@ def _sharded_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
             group=None,
             query_block_size=11,
             precision=precision,
+            stats=stats,
         )
         out[precision] = ranks.ranks
+        out[precision + ":stats"] = stats
     return out
 
 
@@ -302,11 +339,19 @@ def test_sharded_ranks_equal_one_process() -> None:
     # map and mrr of RetrievalMetrics, float32, on 2 and 3 processes)
     world = 3
     x, y = near_tie_data(n=60, d=32)
-    expected = loo_ranks(x, y, "cosine", block_size=7, query_block_size=11)
+    stats = SearchStats()
+    expected = loo_ranks(x, y, "cosine", block_size=7, query_block_size=11, stats=stats)
     results = run_world(_sharded_worker, world)
     for precision in PRECISIONS:
         got = torch.cat([results[r][precision] for r in range(world)])
         assert torch.equal(got, expected), precision
+        # each rank counts its own queries and the pairs of its gallery blocks: summed, one process's counts
+        # (float32: the same blocks classify the same entries; bfloat16 falls back to float32 per counter)
+        per_rank = [results[r][precision + ":stats"] for r in range(world)]
+        assert all(s.precision == precision for s in per_rank)
+        assert sum(s.queries for s in per_rank) == stats.queries == 60
+        assert sum(s.screened for s in per_rank) == stats.screened == 60 * 60
+    assert sum(results[r]["float32:stats"].rescored for r in range(world)) == stats.rescored > 0
 
 
 def test_refuses_unknown_precision_and_overflowing_rows() -> None:

@@ -53,8 +53,14 @@ class RetrievalResult(SummaryRepr):
         per_query: name -> (Q,) float64, NaN for queries without relevant items (empty unless requested).
         num_queries: number of queries.
         num_without_relevant: queries with no relevant gallery item (see ``no_relevant``).
-        search: what the exact kNN search did (pairs screened and scored exactly, see
-            :class:`~objretrieval.search.exact.SearchStats`); None when no kNN search ran (on this rank).
+        search: what the exact searches did (:class:`~objretrieval.search.exact.SearchStats`), the kNN search
+            and, for ``map`` / ``mrr``, the exhaustive rank count added together: each adds its Q query rows
+            to ``queries`` and its Q x N pairs to ``screened`` (under leave-one-out N = Q, each query's own
+            pair included); ``rescored`` adds the kNN's exact scores and the count's exact scores of pairs
+            near a relevant item's score (the relevant items' own are not counted). Under
+            ``torch.distributed`` (:class:`~objretrieval.metrics.RetrievalMetrics`), this rank's share: summed
+            over the ranks, ``queries`` and ``screened`` are one process's. None when no search of ours ran
+            (a faiss kNN is not counted).
     """
 
     metrics: dict[str, float]
@@ -371,6 +377,7 @@ class RetrievalEvaluator(ConfigRepr):
                 num_relevant=num_relevant,
                 label_comparison_fn=self.label_comparison_fn,
                 precision=self.precision,
+                stats=stats,
             )
             source = None if source is None else already_checked(source)
         # Exhaustive ranks serve every ranking metric; a kNN is then needed only for neighbour lists.

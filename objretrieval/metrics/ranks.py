@@ -23,6 +23,7 @@ from objretrieval.search.exact import (
     Precision,
     Screen,
     SearchStats,
+    check_stats,
     exact_pair_scores,
 )
 from objretrieval.search.scoring import Metric, Prepared, prepare, prepared_blocks
@@ -228,7 +229,11 @@ def ranks_exhaustive(
         num_relevant: (Q,) counts from :func:`count_relevant`, if the caller has them already.
         label_comparison_fn: custom relevance (see :class:`Relevance`); default same label.
         precision: the screening products, ``"float32"`` or ``"bf16-exact"`` (same ranks).
-        stats: optional :class:`~objretrieval.search.exact.SearchStats` counting the second pass's pairs.
+        stats: optional :class:`~objretrieval.search.exact.SearchStats`, counted as
+            :func:`~objretrieval.search.knn` counts: ``queries`` grows by Q, ``screened`` by Q x N (the second
+            pass screens every pair, an excluded one included), ``rescored`` by the pairs scored exactly
+            because their screened score was within the bound of a relevant item's; the relevant items' own
+            exact scores (first pass, one per relevant pair) are not counted.
     """
     source = gallery if isinstance(gallery, BlockSource) else BlockSource(gallery, "gallery", block_size)
     if not source.reiterable:
@@ -237,6 +242,7 @@ def ranks_exhaustive(
             "list of blocks, not a one-shot generator"
         )
     screen = Screen(metric, check_choice(precision, "precision", PRECISIONS))
+    check_stats(stats)
     relevance = Relevance(query_labels, gallery_labels, exclude, label_comparison_fn).to(device)
     if num_relevant is None:
         num_relevant = relevance.count()
@@ -244,6 +250,8 @@ def ranks_exhaustive(
     width = max(int(num_relevant.max()), 1)
     prepared = prepare(queries, metric, device)
     num_queries = len(prepared)
+    if stats is not None:
+        stats.precision, stats.queries = precision, stats.queries + num_queries
 
     def passes(src: BlockSource, desc: str) -> Iterator[tuple[int, Prepared]]:
         return prepared_blocks(src, metric, device, prepared, progress=progress, desc=desc)

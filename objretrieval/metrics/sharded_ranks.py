@@ -17,7 +17,15 @@ from objretrieval._validation import check_choice
 from objretrieval.distributed.knn import ShardedSearch
 from objretrieval.distributed.world import Group, all_gather_uneven, all_reduce_sum_
 from objretrieval.metrics.ranks import LabelComparison, Relevance, RelevantRanks, left_align, relevant_pairs
-from objretrieval.search.exact import PRECISIONS, ExactRanks, Precision, Screen, ScreenRows
+from objretrieval.search.exact import (
+    PRECISIONS,
+    ExactRanks,
+    Precision,
+    Screen,
+    ScreenRows,
+    SearchStats,
+    check_stats,
+)
 from objretrieval.search.scoring import Metric
 
 
@@ -61,6 +69,7 @@ def sharded_relevant_ranks(
     group: Group,
     query_block_size: int = 1024,
     precision: Precision = "float32",
+    stats: SearchStats | None = None,
 ) -> RelevantRanks:
     """The rank of every relevant item of this rank's queries over the gallery sharded across ranks.
 
@@ -76,9 +85,16 @@ def sharded_relevant_ranks(
     Args:
         num_relevant: (n_q,) relevant items of this rank's queries.
         precision: the screening products, ``"float32"`` or ``"bf16-exact"`` (same ranks).
+        stats: optional :class:`~objretrieval.search.exact.SearchStats` filled in with this rank's counts, as
+            :func:`~objretrieval.distributed.knn.sharded_knn` fills it: this rank's queries and the pairs of
+            its gallery blocks. Summed over the ranks, ``queries`` and ``screened`` are one process's counts
+            (:func:`~objretrieval.metrics.ranks_exhaustive`), and so is ``rescored`` in float32.
     """
     device = device if device is not None else queries.embeddings.device
     screen = Screen(metric, check_choice(precision, "precision", PRECISIONS))
+    check_stats(stats)
+    if stats is not None:
+        stats.precision, stats.queries = precision, stats.queries + queries.ids.shape[0]
     search = ShardedSearch(1, metric, device, group, screen)
     num_q = queries.labels.shape[0]
     q_moves, rounds = search.query_rounds(
@@ -96,7 +112,7 @@ def sharded_relevant_ranks(
             if col not in screened:
                 screened[col] = screen.rows(gal, "gallery", col)
         blocks = [(col, screened[col]) for col, _ in r.gallery]
-        block_ranks = _block_ranks(qs, blocks, relevance, screen, r.buffer, width, group)
+        block_ranks = _block_ranks(qs, blocks, relevance, screen, r.buffer, width, group, stats)
         if search.rank == r.owner:
             results.append(block_ranks)
     held = torch.cat(results) if results else torch.empty((0, width), dtype=torch.int64, device=device)
@@ -112,6 +128,7 @@ def _block_ranks(
     buffer: Tensor,
     width: int,
     group: Group,
+    stats: SearchStats | None = None,
 ) -> Tensor:
     """(rows, width) 1-based ranks of the relevant items of one query block (0 padding, not left-aligned)
     over this rank's gallery ``blocks`` ``(global column, rows)``: the two passes of
@@ -134,7 +151,7 @@ def _block_ranks(
     rel_index[r, slot] = packed[order, 1].long()
 
     # Pass 2: this rank's items ranked above each relevant item, summed over the ranks.
-    counter = ExactRanks(rel_scores, rel_index)
+    counter = ExactRanks(rel_scores, rel_index, stats)
     for col, g in blocks:
         counter.update(0, col, qs, g, screen, relevance.exclude, buffer)
     all_reduce_sum_(counter.counts, group)

@@ -135,6 +135,23 @@ def check_update(
     return x, y, idx.to(torch.int64), role
 
 
+def check_same_layout(
+    embeddings: Tensor, labels: Tensor, first_embeddings: Tensor, first_labels: Tensor
+) -> None:
+    """Refuse a batch that cannot be concatenated with the stored ones: another embedding dim or dtype, or
+    label rows of another shape than the first stored batch's."""
+    x, y = first_embeddings, first_labels
+    if embeddings.shape[1] != x.shape[1] or embeddings.dtype != x.dtype:
+        raise ValueError(
+            f"embeddings have dim {embeddings.shape[1]} and dtype {embeddings.dtype}, but earlier updates had "
+            f"dim {x.shape[1]} and dtype {x.dtype} (set storage_dtype to store every batch in one dtype)"
+        )
+    if labels.shape[1:] != y.shape[1:]:
+        raise ValueError(
+            f"labels rows have shape {tuple(labels.shape[1:])}, but earlier updates had {tuple(y.shape[1:])}"
+        )
+
+
 def first_occurrences(labels: Tensor, indices: Tensor | None, what: str) -> Tensor:
     """Positions of the rows to keep, in the order of evaluation.
 
@@ -381,18 +398,7 @@ class RetrievalMetrics(ConfigRepr, nn.Module):
                 "query/gallery (role='query'/'gallery') do not mix; call reset() to start another evaluation"
             )
         first = next(iter(stored.values()))
-        x, y = first.embeddings[0], first.labels[0]
-        if rows.embeddings.shape[1] != x.shape[1] or rows.embeddings.dtype != x.dtype:
-            raise ValueError(
-                f"embeddings have dim {rows.embeddings.shape[1]} and dtype {rows.embeddings.dtype}, but "
-                f"earlier updates had dim {x.shape[1]} and dtype {x.dtype} (set storage_dtype to store "
-                "every batch in one dtype)"
-            )
-        if rows.labels.shape[1:] != y.shape[1:]:
-            raise ValueError(
-                f"labels rows have shape {tuple(rows.labels.shape[1:])}, but earlier updates had "
-                f"{tuple(y.shape[1:])}"
-            )
+        check_same_layout(rows.embeddings, rows.labels, first.embeddings[0], first.labels[0])
         if (rows.indices is not None) != bool(first.indices):
             raise ValueError(
                 "indices were given to some updates and not to others: give them to every update since "
@@ -430,6 +436,7 @@ class RetrievalMetrics(ConfigRepr, nn.Module):
         ]
         depth = max((r.depth(max_relevant) or 0 for r in searched), default=0)
         ranks = None
+        stats = SearchStats()  # the count's and the kNN's, added (RetrievalResult.search)
         if exhaustive:
             ranks = sharded_relevant_ranks(
                 queries,
@@ -442,10 +449,10 @@ class RetrievalMetrics(ConfigRepr, nn.Module):
                 device=ev.device,
                 block_size=ev.block_size,
                 precision=ev.precision,
+                stats=stats,
                 group=group,
             )
         found = None
-        stats = SearchStats()
         if depth:
             neighbors = sharded_knn(
                 queries.embeddings,
@@ -483,7 +490,8 @@ class RetrievalMetrics(ConfigRepr, nn.Module):
                 clustering = (torch.cat([q.float(), g.float()]), torch.cat([queries.labels, gallery.labels]))
         everyone = Relevance(queries.labels, gallery.labels, None, ev.label_comparison_fn)
         result = ev._result(per_query, found, everyone, num_relevant, clustering)
-        return dataclasses.replace(result, search=stats) if stats.queries else result
+        # a rank without queries still screened its gallery shard against the others'
+        return dataclasses.replace(result, search=stats) if stats.queries or stats.screened else result
 
     def _gather_per_query(
         self, ranks: RelevantRanks | None, queries: GlobalShard, max_relevant: int
