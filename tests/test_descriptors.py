@@ -38,7 +38,8 @@ def test_pack_bits_matches_numpy_packbits() -> None:
 
 
 def test_pack_bits_of_no_rows_keeps_the_layout() -> None:
-    packed = pack_bits(torch.zeros(0, 5, 16, dtype=torch.bool))  # a block of no images (a rank without blocks)
+    # a block of no images, as a rank without blocks projects
+    packed = pack_bits(torch.zeros(0, 5, 16, dtype=torch.bool))
     assert packed.shape == (0, 5, 2) and packed.dtype == torch.uint8
     assert unpack_bits(packed).shape == (0, 5, 16)
 
