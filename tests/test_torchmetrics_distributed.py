@@ -129,5 +129,9 @@ def test_layout_is_checked_within_one_process() -> None:
     # float64 rows are refused, not promoted by the concatenation at compute()
     with pytest.raises(ValueError, match=r"dtype torch\.float64"):
         adapter.update(torch.randn(4, 3, dtype=torch.float64), torch.arange(4))
-    with pytest.raises(ValueError, match="before any update"):
-        RetrievalMetrics(["recall@1"]).as_torchmetrics().compute()
+    empty = RetrievalMetrics(["recall@1"]).as_torchmetrics()
+    with (
+        pytest.warns(UserWarning, match="before the ``update``"),
+        pytest.raises(ValueError, match="before any update"),
+    ):
+        empty.compute()  # torchmetrics warns, then the adapter refuses
